@@ -1,0 +1,1 @@
+"""YAML presets shipped with vlprune (``vlprune.load_config(name)``)."""

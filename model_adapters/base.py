@@ -1,0 +1,114 @@
+"""Adapter base: the only code that knows a model family's module paths, visual token ids, token geometry and which
+signals it can provide. One subclass per family, registered by ``config.model_type``."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..attention import SCORER_KWARG, first_query_attention
+from ..hooks import HookSet
+from ..schedule import SampleLayout
+from ..signals import SignalRequest
+
+
+class Adapter:
+    """Model knowledge for one family. Subclasses set the module handles in ``__init__`` and implement
+    :meth:`image_token_counts`, :meth:`check_request` and :meth:`install_vision`."""
+
+    model_type: ClassVar[str] = ""
+    name: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.entry: nn.Module = model  # module whose forward receives input_ids / attention_mask / cache
+        self.language_model: nn.Module = model
+        self.text_config = model.config
+        self.image_token_id: int = -1
+        self.vision_depth: int = 0
+
+    # --- structure ---------------------------------------------------------------------------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def attention_module(self, layer: int) -> nn.Module:
+        return self.layers[layer].self_attn
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary ``(cos, sin)`` for ``position_ids`` (B, L), as the language model computes them."""
+        return self.language_model.rotary_emb(hidden, position_ids=position_ids)
+
+    def scoring_configs(self, requests: list[SignalRequest]) -> list[str]:
+        """Sub-config keys whose attention must run through the scoring wrapper for ``requests``."""
+        keys = {"llm_attention": "text_config", "cls_attention": "vision_config"}
+        return sorted({keys[r.name] for r in requests if r.name in keys})
+
+    # --- tokens ------------------------------------------------------------------------------------------------
+    def visual_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """(B, L) bool: which input tokens are visual placeholders."""
+        if input_ids is not None:
+            return input_ids == self.image_token_id
+        token = torch.tensor(self.image_token_id, device=inputs_embeds.device)
+        return (inputs_embeds == self.language_model.get_input_embeddings()(token)).all(-1)
+
+    def image_token_counts(self, num_visual: int) -> list[int]:
+        """Token count of each image of a sample that has ``num_visual`` visual tokens."""
+        raise NotImplementedError
+
+    def image_grid(self, count: int) -> tuple[int, int] | None:
+        """(h, w) of an image of ``count`` tokens, or ``None`` when they do not form a grid."""
+        side = round(count**0.5)
+        return (side, side) if side * side == count else None
+
+    def layouts(self, visual: torch.Tensor) -> list:
+        """Per-sample :class:`SampleLayout` from the (B, L) visual mask; images are numbered across the batch in
+        the order the model scatters their features."""
+        out, first = [], 0
+        for b in range(visual.shape[0]):
+            positions = torch.nonzero(visual[b].cpu()).flatten()
+            counts = self.image_token_counts(int(positions.numel()))
+            image_of = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
+            local = torch.cat([torch.arange(c) for c in counts]) if counts else torch.zeros(0, dtype=torch.long)
+            images = list(range(first, first + len(counts)))
+            first += len(counts)
+            out.append(SampleLayout(positions, image_of, local, images, [self.image_grid(c) for c in counts]))
+        return out
+
+    # --- signals -----------------------------------------------------------------------------------------------
+    def check_request(self, request: SignalRequest, method: str) -> None:
+        """Raise ``ValueError`` naming the model and method if ``request`` cannot be provided."""
+        raise NotImplementedError
+
+    def install_vision(self, requests: list[SignalRequest], store: dict, hooks: HookSet) -> None:
+        """Install the hooks that fill ``store`` with the vision-side signals among ``requests``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def inject_scorer(hooks: HookSet, module: nn.Module, scorer, active=lambda: True) -> None:
+        """Make ``module``'s attention function call ``scorer(module, query, key, kwargs)`` while ``active()``."""
+
+        def pre_hook(mod, args, kwargs):
+            if active():
+                kwargs[SCORER_KWARG] = scorer
+                return args, kwargs
+            return None
+
+        hooks.pre(module, pre_hook)
+
+    def cls_scorer(self, store: dict, keys: list, drop_cls: bool):
+        """A scorer that stores the [CLS] row (head mean) under each of ``keys`` in ``store["cls_attention"]``."""
+
+        def scorer(module, query, key, kwargs):
+            scores = first_query_attention(query, key, kwargs.get("scaling")).detach()  # (n_img, T)
+            scores = scores[:, 1:] if drop_cls else scores
+            for k in keys:
+                store.setdefault("cls_attention", {})[k] = scores
+
+        return scorer

@@ -1,0 +1,93 @@
+"""LLaVA-1.5 family (``LlavaForConditionalGeneration``, model_type ``llava``): vision tower (CLIP with [CLS], or a
+tower without one such as SigLIP) -> projector -> image placeholders scattered into a Llama-like decoder."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..attention import SUPPORTED_BASES, PREFIX
+from ..hooks import HookSet
+from ..registry import register_adapter
+from ..signals import SignalRequest
+from .base import Adapter
+
+CLS_TOWERS = ("clip_vision_model",)
+
+
+@register_adapter("llava")
+class LlavaAdapter(Adapter):
+    """Signals: ``features`` (projector output), ``cls_attention`` (CLIP towers), ``llm_attention``, ``grid``."""
+
+    model_type = "llava"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        config = model.config
+        base = model.model if hasattr(model, "lm_head") else model
+        self.entry = base
+        self.language_model = base.language_model
+        self.text_config = config.text_config
+        self.vision_tower = base.vision_tower
+        self.projector = base.multi_modal_projector
+        self.image_token_id = config.image_token_id
+        vision = config.vision_config
+        self.vision_model_type = vision.model_type
+        self.vision_depth = vision.num_hidden_layers
+        self.has_cls = vision.model_type in CLS_TOWERS
+        self.strategy = config.vision_feature_select_strategy
+        patches = (vision.image_size // vision.patch_size) ** 2
+        self.tokens_per_image = patches + int(self.has_cls) - int(self.strategy == "default")
+        layer = config.vision_feature_layer
+        self.feature_layer = layer if isinstance(layer, int) else layer[-1]
+
+    def image_token_counts(self, num_visual: int) -> list[int]:
+        if num_visual % self.tokens_per_image:
+            raise ValueError(
+                f"a sample has {num_visual} image tokens, not a multiple of this model's {self.tokens_per_image} "
+                "tokens per image"
+            )
+        return [self.tokens_per_image] * (num_visual // self.tokens_per_image)
+
+    def vision_layer(self, key: int | None) -> int:
+        """Absolute vision layer whose attention ``cls_attention[key]`` reads; ``None``: the feature layer."""
+        depth = self.vision_depth
+        if key is None:
+            layer = self.feature_layer % (depth + 1) - 1  # hidden_states[h] is the output of layer h - 1
+            if layer < 0:
+                raise ValueError("the vision feature layer is the embedding output, which has no attention map")
+            return layer
+        if not -depth <= key < depth:
+            raise ValueError(f"vision layer {key} is outside the vision tower's {depth} layers ({-depth}..{depth - 1})")
+        return key % depth
+
+    def _check_attention(self, config_key: str, method: str) -> None:
+        impl = getattr(self.model.config, config_key)._attn_implementation
+        if impl not in SUPPORTED_BASES and not str(impl).startswith(PREFIX):
+            raise ValueError(
+                f"method {method!r} reads attention scores, which vlprune computes beside the attention "
+                f"implementation; {config_key} uses {impl!r}, supported: {SUPPORTED_BASES}"
+            )
+
+    def check_request(self, request: SignalRequest, method: str) -> None:
+        if request.name == "cls_attention":
+            if not self.has_cls:
+                raise ValueError(
+                    f"method {method!r} needs [CLS] attention, but this llava model's vision tower "
+                    f"({self.vision_model_type}) has no [CLS] token; use a method without [CLS] attention"
+                )
+            self.vision_layer(request.layer)
+            self._check_attention("vision_config", method)
+        elif request.name == "llm_attention":
+            self._check_attention("text_config", method)
+
+    def install_vision(self, requests: list[SignalRequest], store: dict, hooks: HookSet) -> None:
+        names = {r.name for r in requests}
+        if "features" in names:
+            hooks.post(self.projector, lambda module, args, kwargs, out: store.__setitem__("features", out.detach()))
+        by_layer: dict[int, list] = {}
+        for r in requests:
+            if r.name == "cls_attention":
+                by_layer.setdefault(self.vision_layer(r.layer), []).append(r.layer)
+        for layer, keys in by_layer.items():
+            attention = self.vision_tower.encoder.layers[layer].self_attn
+            self.inject_scorer(hooks, attention, self.cls_scorer(store, keys, drop_cls=self.strategy == "default"))

@@ -1,0 +1,26 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import tiny_llava  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture(scope="session")
+def llava():
+    return tiny_llava("sdpa")
+
+
+@pytest.fixture(scope="session")
+def llava_eager():
+    return tiny_llava("eager")

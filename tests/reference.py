@@ -1,0 +1,93 @@
+"""Independent references: the unhooked model's own modules driven by hand, with explicit masks and positions."""
+
+from __future__ import annotations
+
+import torch
+from transformers.masking_utils import create_causal_mask
+
+import vlprune
+
+
+def embed(model, ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    """inputs_embeds with image features scattered in, as LlavaModel.forward does."""
+    base = model.model
+    embeds = base.get_input_embeddings()(ids)
+    if pixel_values is None or not (ids == model.config.image_token_id).any():
+        return embeds
+    feats = base.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+    feats = torch.cat(list(feats), 0).to(embeds.dtype)
+    mask = (ids == model.config.image_token_id)[..., None].expand_as(embeds)
+    return embeds.masked_scatter(mask, feats)
+
+
+def original_positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def gather(keep: list[torch.Tensor], *tensors: torch.Tensor):
+    """Per sample, take ``keep[b]`` along dim 1 and left-pad to the longest (padding: index 0, mask 0)."""
+    length = max(len(k) for k in keep)
+    out = []
+    for t in tensors:
+        rows = []
+        for b, k in enumerate(keep):
+            pad = length - len(k)
+            rows.append(torch.cat([t[b, :1].expand(pad, *t.shape[2:]) * 0, t[b, k]], 0))
+        out.append(torch.stack(rows))
+    valid = torch.zeros(len(keep), length, dtype=torch.bool)
+    for b, k in enumerate(keep):
+        valid[b, length - len(k):] = True
+    return out, valid
+
+
+def layer_loop(model, embeds, mask, positions, keep: list[torch.Tensor] | None, layer: int, renumber=False):
+    """Logits of a hand-written decoder loop: layers < ``layer`` on everything, the rest on ``keep`` only."""
+    lm = model.model.language_model
+    config = model.config.text_config
+    h, pos, m = embeds, positions, mask.bool()
+    for i, block in enumerate(lm.layers):
+        if i == layer and keep is not None:
+            (h, pos, m), valid = gather(keep, h, pos, m)
+            m = m & valid
+            pos = original_positions(m) if renumber else pos.masked_fill(~valid, 1)
+        if i == 0 or (i == layer and keep is not None):
+            cos_sin = lm.rotary_emb(h, position_ids=pos)
+            mask4 = create_causal_mask(config=config, inputs_embeds=h, attention_mask=m, past_key_values=None,
+                                       position_ids=pos)
+        h = block(h, attention_mask=mask4, position_embeddings=cos_sin, position_ids=pos)
+    return model.lm_head(lm.norm(h))
+
+
+def greedy(model, ids, mask, pixel_values, plan: vlprune.KeepPlan | None, steps: int, renumber=False, eos=2, pad=0):
+    """Manual greedy decoding without a cache: each step recomputes everything with the prefill's fixed plan."""
+    prompt = embed(model, ids, pixel_values)
+    b, length = ids.shape
+    new = torch.zeros(b, 0, dtype=torch.long)
+    for _ in range(steps):
+        embeds = torch.cat([prompt, model.model.get_input_embeddings()(new)], 1)
+        full_mask = torch.cat([mask.bool(), torch.ones_like(new, dtype=torch.bool)], 1)
+        keep = None
+        if plan is not None:
+            tail = torch.arange(length, length + new.shape[1])
+            keep = [torch.cat([k, tail]) for k in plan.keep_tokens]
+        logits = layer_loop(model, embeds, full_mask, original_positions(full_mask), keep,
+                            plan.layer if plan else 0, renumber)
+        new = torch.cat([new, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    # like generate: a sequence that produced EOS continues with padding
+    done = (new == eos).long().cumsum(1) - (new == eos).long() > 0
+    return new.masked_fill(done, pad)
+
+
+def state(model) -> dict:
+    """Everything a wrap could leave behind: hooks, instance attributes, attention implementations."""
+    hooks = {}
+    for name, module in model.named_modules():
+        hooks[name] = (
+            sorted(module.__dict__),
+            len(module._forward_hooks), len(module._forward_pre_hooks),
+            len(module._forward_hooks_with_kwargs), len(module._forward_pre_hooks_with_kwargs),
+            len(module._backward_hooks), len(module._state_dict_hooks),
+        )
+    configs = {k: getattr(model.config, k).__dict__.get("_attn_implementation_internal")
+               for k in ("text_config", "vision_config")}
+    return {"hooks": hooks, "attn": configs, "top_attn": model.config._attn_implementation_internal}

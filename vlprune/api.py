@@ -1,0 +1,371 @@
+"""``vlprune.wrap`` / ``vlprune.unwrap`` and the :class:`Pruned` handle that owns every hook and all per-call state.
+
+How a wrapped forward runs (prefill):
+
+1. A pre-hook on the model's entry module notes ``input_ids``, the 2-D mask and the cache.
+2. Vision hooks (installed by the adapter) capture the signals the stages asked for.
+3. The pre-hook of decoder layer ``L`` of each stage asks the selector for a plan, then gathers the hidden states,
+   rotary ``(cos, sin)``, position ids and mask down to the kept tokens (:mod:`vlprune.compaction`). Every later
+   layer gets the gathered tensors in place of the full-length ones the language model prepared.
+
+While decoding, each layer after a stage has a shorter KV cache than layer 0; its pre-hook gives it a mask built
+against its own cache. Positions need nothing: ``generate`` numbers new tokens after the unpruned length.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import compaction
+from .attention import ensure_registered, last_query_attention
+from .config import PruneConfig, Stage, load_config, preset_names
+from .hooks import HookSet
+from .plan import KeepPlan
+from .registry import adapter_class, list_methods, selector_class
+from .schedule import ResolvedStage, decide, resolve
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Call:
+    """State of one forward call of the wrapped model."""
+
+    prefill: bool
+    attention_mask: torch.Tensor | None
+    cache: Any
+    layouts: list | None = None
+    segment: compaction.Segment | None = None
+    llm: dict[int, torch.Tensor] = field(default_factory=dict)
+    masks: dict = field(default_factory=dict)  # decode: (segment id, layer kind) -> mask
+    positions: dict = field(default_factory=dict)  # decode, renumbered: segment id -> (position_ids, cos, sin)
+
+
+@dataclass
+class _Session:
+    """What decoding after a pruned prefill needs: the segment each decoder layer saw."""
+
+    full_length: int
+    layer_segment: dict[int, compaction.Segment]
+
+
+class Pruned:
+    """Handle returned by :func:`wrap`. Use as a context manager or call :meth:`unwrap`.
+
+    Attributes
+    ----------
+    model : nn.Module
+        The wrapped model (unchanged apart from instance hooks and, for methods that read attention scores, its
+        attention implementation name).
+    config : PruneConfig
+        The schedule in force.
+    plans : list of KeepPlan
+        After each prefill, one :class:`KeepPlan` per stage: what was kept, per sample.
+    """
+
+    def __init__(self, model: nn.Module, config: PruneConfig, adapter, stages: list[ResolvedStage]) -> None:
+        self.model = model
+        self.config = config
+        self.adapter = adapter
+        self.plans: list[KeepPlan] = []
+        self._stages = {rs.layer: rs for rs in stages}
+        self._renumber = config.positions == "renumber"
+        self._hooks = HookSet()
+        self._saved_attention: dict[str, str] = {}
+        self._vision: dict = {}
+        self._call: _Call | None = None
+        self._session: _Session | None = None
+        self._active = False
+
+    # --- install / remove --------------------------------------------------------------------------------------
+    def _install(self) -> None:
+        adapter = self.adapter
+        requests = [r for rs in self._stages.values() for r in rs.requests]
+        for key in adapter.scoring_configs(requests):
+            current = getattr(self.model.config, key)._attn_implementation
+            wrapped = ensure_registered(current)
+            if wrapped != current:
+                self._saved_attention[key] = current
+                self.model.set_attn_implementation({key: wrapped})
+        self._hooks.pre(adapter.entry, self._on_entry)
+        self._hooks.post(adapter.entry, self._on_entry_done)
+        adapter.install_vision(requests, self._vision, self._hooks)
+        for layer in sorted({r.layer for r in requests if r.name == "llm_attention"}):
+            adapter.inject_scorer(
+                self._hooks, adapter.attention_module(layer), self._llm_scorer(layer), lambda: self._in_prefill
+            )
+        for layer in range(min(self._stages), adapter.num_layers):
+            self._hooks.pre(adapter.layers[layer], self._layer_hook(layer))
+        self._active = True
+
+    def unwrap(self) -> None:
+        """Remove every hook and restore the attention implementation. Idempotent."""
+        self._hooks.remove()
+        if self._saved_attention:
+            self.model.set_attn_implementation(dict(self._saved_attention))
+            self._saved_attention.clear()
+        self._vision.clear()
+        self._call = self._session = None
+        self._active = False
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def __enter__(self) -> Pruned:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unwrap()
+
+    def __repr__(self) -> str:
+        stages = ", ".join(f"{rs.stage.method}@layer{rs.layer}" for rs in self._stages.values())
+        return f"Pruned({self.adapter.model_type}: {stages}, positions={self.config.positions!r}, active={self._active})"
+
+    # --- hooks -------------------------------------------------------------------------------------------------
+    @property
+    def _in_prefill(self) -> bool:
+        return self._call is not None and self._call.prefill
+
+    def _on_entry(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        mask = kwargs.get("attention_mask")
+        if cache is None or cache.get_seq_length() == 0:
+            self.plans = []
+            self._session = None
+            visual = self.adapter.visual_mask(input_ids, kwargs.get("inputs_embeds"))
+            self._call = _Call(True, mask, cache, layouts=self.adapter.layouts(visual))
+            return None
+        self._vision.clear()
+        self._call = _Call(False, mask, cache)
+        session = self._session
+        first = session.layer_segment.get(0) if session else None
+        if first is None:
+            return None
+        # Layer 0 saw only the kept tokens: its cache is shorter than the input. Give the language model a 2-D mask
+        # and (when the caller gave none) the positions it would have had without pruning.
+        q = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
+        seen = cache.get_seq_length(0) - first.length  # tokens decoded so far
+        if kwargs.get("position_ids") is None:
+            positions = session.full_length + seen + torch.arange(q, device=first.rows.device)
+            kwargs["position_ids"] = positions[None].expand(first.rows.shape[0], q)
+        kwargs["attention_mask"] = self._decode_mask2d(first, seen + q)
+        return args, kwargs
+
+    def _on_entry_done(self, module, args, kwargs, output):
+        if self._in_prefill:
+            self._vision.clear()
+        self._call = None
+        return None
+
+    def _decode_mask2d(self, segment: compaction.Segment, new: int) -> torch.Tensor:
+        """2-D mask of a segment's layers while decoding: the segment's own slots, then the ``new`` columns."""
+        call = self._call
+        if call.attention_mask is not None:
+            tail = call.attention_mask[:, -new:].to(dtype=torch.bool, device=segment.mask.device)
+        else:
+            tail = segment.mask.new_ones(segment.mask.shape[0], new)
+        return torch.cat([segment.mask, tail], dim=1)
+
+    def _llm_scorer(self, layer: int):
+        def scorer(module, query, key, kwargs):
+            call = self._call
+            key_mask = call.segment.mask if call.segment is not None else call.attention_mask
+            if key_mask is not None:
+                key_mask = key_mask.to(device=key.device, dtype=torch.bool)
+            call.llm[layer] = last_query_attention(query, key, kwargs.get("scaling"), key_mask).detach()
+
+        return scorer
+
+    def _layer_hook(self, layer: int):
+        def hook(module, args, kwargs):
+            call = self._call
+            if call is None:
+                return None
+            if call.prefill:
+                return self._prefill_layer(layer, args, kwargs)
+            return self._decode_layer(layer, args, kwargs)
+
+        return hook
+
+    def _prefill_layer(self, layer: int, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        stage = self._stages.get(layer)
+        if stage is not None:
+            hidden = self._run_stage(stage, layer, hidden, kwargs)
+        segment = self._session.layer_segment.get(layer) if self._session else None
+        if segment is None:
+            return None
+        return self._apply_prefill(layer, segment, hidden, args, kwargs)
+
+    def _run_stage(self, stage: ResolvedStage, layer: int, hidden: torch.Tensor, kwargs) -> torch.Tensor:
+        """Decide the stage's plan; compact the hidden states (and the segment) unless it keeps everything."""
+        call = self._call
+        if call.segment is None:
+            call.segment = compaction.initial_segment(
+                hidden, call.attention_mask, kwargs.get("position_ids"), kwargs["position_embeddings"]
+            )
+        keep_slots, plan = decide(stage, call.segment.rows, call.layouts, self._vision, call.llm)
+        self.plans.append(plan)
+        logger.debug("%r", plan)
+        if all(int(k.numel()) == call.segment.length for k in keep_slots):
+            return hidden
+        if self._session is None:
+            self._session = _Session(call.segment.length, {})
+        call.segment, hidden = compaction.compact(call.segment, hidden, keep_slots, self._renumber, self.adapter.rotary)
+        for later in range(layer, self.adapter.num_layers):
+            self._session.layer_segment[later] = call.segment
+        return hidden
+
+    def _apply_prefill(self, layer, segment, hidden, args, kwargs):
+        call = self._call
+        kind = compaction.layer_kind(self.adapter.text_config, layer)
+        if kind not in segment.masks:
+            segment.masks[kind] = compaction.build_mask(
+                self.adapter.text_config, layer, hidden, segment.mask, call.cache, segment.position_ids
+            )
+        kwargs["attention_mask"] = segment.masks[kind]
+        kwargs["position_embeddings"] = (segment.cos, segment.sin)
+        kwargs["position_ids"] = segment.position_ids
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _decode_layer(self, layer: int, args, kwargs):
+        segment = self._session.layer_segment.get(layer) if self._session else None
+        if segment is None:
+            return None
+        call = self._call
+        hidden = args[0] if args else kwargs["hidden_states"]
+        key = (id(segment), compaction.layer_kind(self.adapter.text_config, layer))
+        if key not in call.masks:
+            new = call.cache.get_seq_length(layer) + hidden.shape[1] - segment.length if call.cache is not None else 0
+            mask2d = self._decode_mask2d(segment, new)
+            call.masks[key] = compaction.build_mask(
+                self.adapter.text_config, layer, hidden, mask2d, call.cache, kwargs.get("position_ids")
+            )
+        kwargs["attention_mask"] = call.masks[key]
+        if self._renumber:
+            if id(segment) not in call.positions:
+                position_ids = kwargs["position_ids"] - segment.shift[:, None].to(kwargs["position_ids"].device)
+                call.positions[id(segment)] = (position_ids, self.adapter.rotary(hidden, position_ids))
+            position_ids, embeddings = call.positions[id(segment)]
+            kwargs["position_ids"] = position_ids
+            kwargs["position_embeddings"] = embeddings
+        return args, kwargs
+
+
+# --- public functions ------------------------------------------------------------------------------------------
+def _find_handle(model: nn.Module) -> Pruned | None:
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            owner = getattr(hook, "__self__", None)
+            if isinstance(owner, Pruned):
+                return owner
+    return None
+
+
+def _build_config(method, keep, ratio, layer, positions, params) -> PruneConfig:
+    overrides = {k: v for k, v in (("keep", keep), ("ratio", ratio), ("layer", layer)) if v is not None}
+    if isinstance(method, PruneConfig):
+        config = method
+    elif isinstance(method, (str, Path)):
+        name = str(method)
+        if isinstance(method, str) and name in list_methods():
+            selector_class(name)
+            return PruneConfig([Stage(name, keep=keep, ratio=ratio, layer=layer, params=dict(params))], positions)
+        if isinstance(method, str) and name not in preset_names() and not Path(name).exists():
+            raise ValueError(
+                f"unknown method {name!r}; available methods: {list_methods()}; presets: {preset_names()}; "
+                "or pass a path to a YAML preset"
+            )
+        config = load_config(method)
+    else:
+        raise TypeError(f"method must be a name, a path or a PruneConfig, got {type(method).__name__}")
+    if overrides or params:
+        if len(config.stages) != 1:
+            raise ValueError(
+                f"keep/ratio/layer/params override a single-stage method; {config.name!r} has "
+                f"{len(config.stages)} stages: edit its PruneConfig instead"
+            )
+        stage = config.stages[0]
+        budget = {"keep": keep, "ratio": ratio} if ("keep" in overrides or "ratio" in overrides) else {
+            "keep": stage.keep, "ratio": stage.ratio}
+        stage = Stage(stage.method, **budget, layer=overrides.get("layer", stage.layer),
+                      params={**stage.params, **params})
+        config = PruneConfig([stage], config.positions, config.name)
+    return PruneConfig(list(config.stages), positions if positions != "original" else config.positions, config.name)
+
+
+def wrap(
+    model: nn.Module,
+    method: str | Path | PruneConfig,
+    *,
+    keep: int | None = None,
+    ratio: float | None = None,
+    layer: int | None = None,
+    positions: str = "original",
+    **params: Any,
+) -> Pruned:
+    """Prune or merge the visual tokens of ``model`` during its ``forward`` and ``generate``.
+
+    Parameters
+    ----------
+    model : transformers model
+        An unmodified Hugging Face vision-language model (see :func:`vlprune.list_models`).
+    method : str, path or PruneConfig
+        A registered method (:func:`vlprune.list_methods`), a shipped preset name, a YAML preset path, or a config.
+    keep : int, optional
+        Visual tokens kept per image. Exactly one of ``keep`` / ``ratio`` (unless the preset sets one).
+    ratio : float, optional
+        Fraction of each image's visual tokens kept, in (0, 1].
+    layer : int, optional
+        First decoder layer that sees only the kept tokens (0 = before the LLM); default: the method's own.
+    positions : {"original", "renumber"}
+        Keep the kept tokens' original position ids (default) or renumber them contiguously (ablation).
+    **params
+        The method's hyper-parameters.
+
+    Returns
+    -------
+    Pruned
+        A handle; ``with vlprune.wrap(...) as pruned:`` unwraps on exit.
+
+    Raises
+    ------
+    ValueError, TypeError
+        On any bad argument, before the model is touched.
+    """
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers model, got {type(model).__name__}")
+    existing = _find_handle(model)
+    if existing is not None:
+        raise ValueError(f"this model is already wrapped ({existing!r}); call .unwrap() or vlprune.unwrap(model) first")
+    config = _build_config(method, keep, ratio, layer, positions, params)
+    adapter = adapter_class(getattr(model.config, "model_type", None))(model)
+    stages = resolve(config, adapter)
+    handle = Pruned(model, config, adapter, stages)
+    try:
+        handle._install()
+    except BaseException:
+        handle.unwrap()
+        raise
+    return handle
+
+
+def unwrap(model: nn.Module) -> bool:
+    """Remove vlprune from ``model`` if it is wrapped; returns whether it was."""
+    handle = _find_handle(model)
+    if handle is None:
+        return False
+    handle.unwrap()
+    return True

@@ -1,0 +1,92 @@
+"""Scoring attention: attention functions registered under new names (``vlprune_sdpa``, ``vlprune_eager``, ...)
+that call the model's own implementation unchanged and, on the modules asked to, compute the few attention rows a
+selector needs (the [CLS] row, the last query's row) on the side. SDPA and FlashAttention stay in use.
+
+A module is asked by a forward pre-hook that adds a ``vlprune_scorer`` callable to its keyword arguments, which
+transformers passes through to the attention function; every other call is a plain delegation.
+Registration happens when a model is wrapped, never at import.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+
+SCORER_KWARG = "vlprune_scorer"
+PREFIX = "vlprune_"
+SUPPORTED_BASES = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+Scorer = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict], None]
+
+
+def scoring_name(base: str) -> str:
+    """Registered name of the scoring wrapper of attention implementation ``base``."""
+    if base is None or base.startswith(PREFIX):
+        return base
+    if base not in SUPPORTED_BASES:
+        raise ValueError(
+            f"attention implementation {base!r} cannot be wrapped for attention scores; supported: {SUPPORTED_BASES}"
+        )
+    return PREFIX + base
+
+
+def _module_eager(module: torch.nn.Module) -> Callable:
+    # The "eager" implementation is each modeling file's own function, not a registry entry.
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise RuntimeError(f"{type(module).__module__} defines no eager_attention_forward to delegate to")
+    return fn
+
+
+def _make_attention(base: str) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        scorer = kwargs.pop(SCORER_KWARG, None)
+        if scorer is not None:
+            scorer(module, query, key, kwargs)
+        fn = _module_eager(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+        return fn(module, query, key, value, attention_mask, **kwargs)
+
+    attention.__name__ = f"{PREFIX}{base}_attention"
+    return attention
+
+
+def ensure_registered(base: str) -> str:
+    """Register the scoring wrapper of ``base`` (idempotent) and return its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    name = scoring_name(base)
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, _make_attention(base))
+    if name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def _head_mean_softmax(query: torch.Tensor, key: torch.Tensor, scaling: float | None, key_mask) -> torch.Tensor:
+    """Softmax attention of the given query rows over all keys, mean over heads: ``(B, Lq, Lk)``.
+
+    ``query`` (B, H, Lq, D), ``key`` (B, Hkv, Lk, D) with grouped heads (H = Hkv * g); ``key_mask`` (B, Lk) bool.
+    """
+    b, h, lq, d = query.shape
+    hkv = key.shape[1]
+    scaling = d**-0.5 if scaling is None else scaling
+    q = query.float().reshape(b, hkv, h // hkv, lq, d)  # (B, Hkv, g, Lq, D)
+    logits = torch.einsum("bkgqd,bkld->bkgql", q, key.float()) * scaling  # (B, Hkv, g, Lq, Lk)
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, None, :], float("-inf"))
+    return logits.softmax(-1).mean(dim=(1, 2))  # (B, Lq, Lk)
+
+
+def last_query_attention(query: torch.Tensor, key: torch.Tensor, scaling, key_mask=None) -> torch.Tensor:
+    """Head-mean attention of the last query row over all keys: ``(B, Lk)``."""
+    return _head_mean_softmax(query[:, :, -1:], key, scaling, key_mask)[:, 0]
+
+
+def first_query_attention(query: torch.Tensor, key: torch.Tensor, scaling) -> torch.Tensor:
+    """Head-mean attention of the first query row ([CLS] in CLIP-like towers) over all keys: ``(B, Lk)``."""
+    return _head_mean_softmax(query[:, :, :1], key, scaling, None)[:, 0]

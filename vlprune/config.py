@@ -1,0 +1,162 @@
+"""Configuration dataclasses: a pruning method is a schedule of :class:`Stage`\\ s.
+
+YAML presets (``configs/*.yaml``) map 1:1 onto these dataclasses; unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+POSITION_MODES = ("original", "renumber")
+
+
+@dataclass
+class Stage:
+    """One decision point of a pruning schedule.
+
+    Parameters
+    ----------
+    method : str
+        Registered selector name (see :func:`vlprune.list_methods`).
+    keep : int, optional
+        Visual tokens kept per image (per video for video inputs). Exactly one of ``keep`` / ``ratio``.
+    ratio : float, optional
+        Fraction of each image's visual tokens kept, in (0, 1].
+    layer : int, optional
+        Index of the first decoder layer that sees only the kept tokens: ``0`` prunes before the LLM
+        ("pre-LLM"), ``K > 0`` lets layers ``0..K-1`` see every token. ``None`` takes the selector's default.
+    params : dict
+        Keyword arguments of the selector (its dataclass fields).
+    """
+
+    method: str
+    keep: int | None = None
+    ratio: float | None = None
+    layer: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, str) or not self.method:
+            raise TypeError(f"Stage.method must be a non-empty string, got {self.method!r}")
+        if self.keep is not None and self.ratio is not None:
+            raise ValueError(f"give either keep= or ratio=, not both (got keep={self.keep}, ratio={self.ratio})")
+        if self.keep is None and self.ratio is None:
+            raise ValueError(f"stage {self.method!r} needs a budget: keep=N (tokens per image) or ratio=r in (0, 1]")
+        if self.keep is not None:
+            if isinstance(self.keep, bool) or not isinstance(self.keep, int):
+                raise TypeError(f"keep must be an int >= 1, got {self.keep!r}")
+            if self.keep < 1:
+                raise ValueError(f"keep must be >= 1 visual token per image, got {self.keep}")
+        if self.ratio is not None:
+            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
+                raise TypeError(f"ratio must be a float in (0, 1], got {self.ratio!r}")
+            if not 0.0 < float(self.ratio) <= 1.0:
+                raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
+            self.ratio = float(self.ratio)
+        if self.layer is not None:
+            if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+                raise TypeError(f"layer must be an int >= 0, got {self.layer!r}")
+            if self.layer < 0:
+                raise ValueError(f"layer must be >= 0 (0 = before the LLM), got {self.layer}")
+        if not isinstance(self.params, dict):
+            raise TypeError(f"Stage.params must be a dict, got {type(self.params).__name__}")
+
+    def budget(self, available: int) -> int:
+        """Number of tokens to keep out of ``available`` (one image's candidate tokens)."""
+        if available <= 0:
+            return 0
+        if self.keep is not None:
+            return min(self.keep, available)
+        return min(available, max(1, math.floor(self.ratio * available + 0.5)))
+
+
+@dataclass
+class PruneConfig:
+    """A pruning method: a schedule of stages applied in increasing layer order.
+
+    Parameters
+    ----------
+    stages : list of Stage
+        At least one; their layers (once resolved) must be strictly increasing.
+    positions : {"original", "renumber"}
+        ``"original"`` (default) keeps every kept token's original position id and continues decoding after the
+        unpruned length; ``"renumber"`` gives the kept tokens contiguous positions (an ablation).
+    name : str, optional
+        Preset name, for display.
+    """
+
+    stages: list[Stage]
+    positions: str = "original"
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stages, (list, tuple)) or not self.stages:
+            raise ValueError("PruneConfig.stages must be a non-empty list of Stage")
+        self.stages = [s if isinstance(s, Stage) else _stage_from_dict(s) for s in self.stages]
+        if self.positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruneConfig:
+        """Build from a mapping with the keys of the dataclass (as read from YAML); unknown keys are errors."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a prune config must be a mapping, got {type(data).__name__}")
+        _check_keys(data, cls, "prune config")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_keys(data: dict[str, Any], cls: type, what: str) -> None:
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {what}; allowed: {sorted(allowed)}")
+
+
+def _stage_from_dict(data: Any) -> Stage:
+    if not isinstance(data, dict):
+        raise TypeError(f"each stage must be a Stage or a mapping, got {type(data).__name__}")
+    _check_keys(data, Stage, "stage")
+    return Stage(**data)
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in ``vlprune/configs``."""
+    root = resources.files("vlprune.configs")
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config(name_or_path: str | Path) -> PruneConfig:
+    """Load a preset by name (``"fastv-64"``) or a YAML file by path.
+
+    Raises
+    ------
+    ValueError
+        If the name is neither a shipped preset nor an existing file, or the YAML has unknown keys.
+    """
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        text = path.read_text()
+        default_name = path.stem
+    else:
+        names = preset_names()
+        if str(name_or_path) not in names:
+            raise ValueError(f"unknown preset {str(name_or_path)!r}; shipped presets: {names}")
+        text = resources.files("vlprune.configs").joinpath(f"{name_or_path}.yaml").read_text()
+        default_name = str(name_or_path)
+    data = yaml.safe_load(text)
+    config = PruneConfig.from_dict(data)
+    if config.name is None:
+        config.name = default_name
+    return config
