@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..attention import SUPPORTED_BASES, PREFIX
+from ..attention import PREFIX, SUPPORTED_BASES
 from ..hooks import HookSet
 from ..registry import register_adapter
 from ..signals import SignalRequest

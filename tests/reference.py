@@ -36,42 +36,45 @@ def gather(keep: list[torch.Tensor], *tensors: torch.Tensor):
         out.append(torch.stack(rows))
     valid = torch.zeros(len(keep), length, dtype=torch.bool)
     for b, k in enumerate(keep):
-        valid[b, length - len(k):] = True
+        valid[b, length - len(k) :] = True
     return out, valid
 
 
-def layer_loop(model, embeds, mask, positions, keep: list[torch.Tensor] | None, layer: int, renumber=False):
-    """Logits of a hand-written decoder loop: layers < ``layer`` on everything, the rest on ``keep`` only."""
+def layer_loop(model, embeds, mask, positions, stages: list[tuple[int, list[torch.Tensor]]], renumber=False):
+    """Logits of a hand-written decoder loop. ``stages`` lists ``(layer, keep_tokens)``: from ``layer`` on, only the
+    input tokens in ``keep_tokens[b]`` (indices into the input sequence) go on."""
     lm = model.model.language_model
     config = model.config.text_config
     h, pos, m = embeds, positions, mask.bool()
+    rows = torch.arange(h.shape[1]).expand(h.shape[0], -1)
+    cuts = dict(stages)
     for i, block in enumerate(lm.layers):
-        if i == layer and keep is not None:
-            (h, pos, m), valid = gather(keep, h, pos, m)
+        if i in cuts:
+            slots = [torch.nonzero(torch.isin(rows[b], keep)).flatten() for b, keep in enumerate(cuts[i])]
+            (h, pos, m, rows), valid = gather(slots, h, pos, m, rows)
             m = m & valid
+            rows = rows.masked_fill(~valid, -1)
             pos = original_positions(m) if renumber else pos.masked_fill(~valid, 1)
-        if i == 0 or (i == layer and keep is not None):
+        if i == 0 or i in cuts:
             cos_sin = lm.rotary_emb(h, position_ids=pos)
-            mask4 = create_causal_mask(config=config, inputs_embeds=h, attention_mask=m, past_key_values=None,
-                                       position_ids=pos)
+            mask4 = create_causal_mask(
+                config=config, inputs_embeds=h, attention_mask=m, past_key_values=None, position_ids=pos
+            )
         h = block(h, attention_mask=mask4, position_embeddings=cos_sin, position_ids=pos)
     return model.lm_head(lm.norm(h))
 
 
-def greedy(model, ids, mask, pixel_values, plan: vlprune.KeepPlan | None, steps: int, renumber=False, eos=2, pad=0):
-    """Manual greedy decoding without a cache: each step recomputes everything with the prefill's fixed plan."""
+def greedy(model, ids, mask, pixel_values, plans: list[vlprune.KeepPlan], steps: int, renumber=False, eos=2, pad=0):
+    """Manual greedy decoding without a cache: each step recomputes everything with the prefill's fixed plans."""
     prompt = embed(model, ids, pixel_values)
     b, length = ids.shape
     new = torch.zeros(b, 0, dtype=torch.long)
     for _ in range(steps):
         embeds = torch.cat([prompt, model.model.get_input_embeddings()(new)], 1)
         full_mask = torch.cat([mask.bool(), torch.ones_like(new, dtype=torch.bool)], 1)
-        keep = None
-        if plan is not None:
-            tail = torch.arange(length, length + new.shape[1])
-            keep = [torch.cat([k, tail]) for k in plan.keep_tokens]
-        logits = layer_loop(model, embeds, full_mask, original_positions(full_mask), keep,
-                            plan.layer if plan else 0, renumber)
+        tail = torch.arange(length, length + new.shape[1])
+        stages = [(p.layer, [torch.cat([k, tail]) for k in p.keep_tokens]) for p in plans]
+        logits = layer_loop(model, embeds, full_mask, original_positions(full_mask), stages, renumber)
         new = torch.cat([new, logits[:, -1].argmax(-1, keepdim=True)], 1)
     # like generate: a sequence that produced EOS continues with padding
     done = (new == eos).long().cumsum(1) - (new == eos).long() > 0
@@ -79,15 +82,22 @@ def greedy(model, ids, mask, pixel_values, plan: vlprune.KeepPlan | None, steps:
 
 
 def state(model) -> dict:
-    """Everything a wrap could leave behind: hooks, instance attributes, attention implementations."""
+    """Everything a wrap could leave behind: hooks, instance attributes, attention implementations.
+
+    Take it after one forward: transformers adds its own output-capturing hooks on the first call."""
     hooks = {}
     for name, module in model.named_modules():
         hooks[name] = (
             sorted(module.__dict__),
-            len(module._forward_hooks), len(module._forward_pre_hooks),
-            len(module._forward_hooks_with_kwargs), len(module._forward_pre_hooks_with_kwargs),
-            len(module._backward_hooks), len(module._state_dict_hooks),
+            len(module._forward_hooks),
+            len(module._forward_pre_hooks),
+            len(module._forward_hooks_with_kwargs),
+            len(module._forward_pre_hooks_with_kwargs),
+            len(module._backward_hooks),
+            len(module._state_dict_hooks),
         )
-    configs = {k: getattr(model.config, k).__dict__.get("_attn_implementation_internal")
-               for k in ("text_config", "vision_config")}
+    configs = {
+        k: getattr(model.config, k).__dict__.get("_attn_implementation_internal")
+        for k in ("text_config", "vision_config")
+    }
     return {"hooks": hooks, "attn": configs, "top_attn": model.config._attn_implementation_internal}

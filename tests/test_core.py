@@ -3,10 +3,11 @@ greedy loop, batches, positions."""
 
 import pytest
 import torch
-from reference import embed, greedy, layer_loop, original_positions
-from tiny import batch, pixels, prompt
 
 import vlprune
+
+from reference import embed, greedy, layer_loop, original_positions
+from tiny import batch, pixels, prompt
 
 PRE_LLM = [("random", {}), ("uniform", {}), ("fastervlm", {}), ("vtc_cls", {"start_layer": 0})]
 IN_LLM = [("fastv", {"layer": 2}), ("fastv", {"layer": 1}), ("random", {"layer": 3}), ("fastervlm", {"layer": 2})]
@@ -27,9 +28,10 @@ def run(model, ids, mask, pv, **kw):
 
 def generate(model, ids, mask, pv, steps=4):
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, max_new_tokens=steps,
-                             do_sample=False, pad_token_id=0)
-    return out[:, ids.shape[1]:]
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, pixel_values=pv, max_new_tokens=steps, do_sample=False, pad_token_id=0
+        )
+    return out[:, ids.shape[1] :]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -61,8 +63,11 @@ def test_pre_llm_equals_language_model_on_gathered_embeddings(request, attn, met
         valid = torch.stack([torch.arange(length) >= length - len(k) for k in plan.keep_tokens])
         take = lambda t: torch.stack([t[b, r] for b, r in enumerate(rows)])  # noqa: E731
         kept_mask = take(mask.bool()) & valid
-        out = model.model.language_model(inputs_embeds=take(embeds), attention_mask=kept_mask.long(),
-                                         position_ids=take(positions).masked_fill(~valid, 1))
+        out = model.model.language_model(
+            inputs_embeds=take(embeds),
+            attention_mask=kept_mask.long(),
+            position_ids=take(positions).masked_fill(~valid, 1),
+        )
         expected = model.lm_head(out.last_hidden_state)
     assert logits.shape == expected.shape
     torch.testing.assert_close(logits[kept_mask], expected[kept_mask], rtol=1e-5, atol=1e-5)
@@ -78,15 +83,17 @@ def test_in_llm_equals_hand_written_layer_loop(request, attn, method, params):
         plan = pruned.plans[0]
     assert plan.layer == params["layer"]
     with torch.no_grad():
-        expected = layer_loop(model, embed(model, ids, pv), mask, original_positions(mask), list(plan.keep_tokens),
-                              plan.layer)
+        expected = layer_loop(
+            model, embed(model, ids, pv), mask, original_positions(mask), [(plan.layer, plan.keep_tokens)]
+        )
     real = torch.stack([torch.arange(logits.shape[1]) >= logits.shape[1] - len(k) for k in plan.keep_tokens])
     torch.testing.assert_close(logits[real], expected[real], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("method,params", [("random", {}), ("fastervlm", {}), ("fastv", {"layer": 2}),
-                                           ("random", {"layer": 1})])
+@pytest.mark.parametrize(
+    "method,params", [("random", {}), ("fastervlm", {}), ("fastv", {"layer": 2}), ("random", {"layer": 1})]
+)
 @pytest.mark.parametrize("shapes", [((3, 4, 1),), ((3, 4, 1), (1, 2, 2), (6, 1, 1))], ids=["single", "batch"])
 def test_generate_equals_manual_greedy_loop(request, attn, method, params, shapes):
     model = request.getfixturevalue("llava" if attn == "sdpa" else "llava_eager")
@@ -95,12 +102,13 @@ def test_generate_equals_manual_greedy_loop(request, attn, method, params, shape
         tokens = generate(model, ids, mask, pv, steps=5)
         plan = pruned.plans[0]
     with torch.no_grad():
-        expected = greedy(model, ids, mask, pv, plan, steps=5)
+        expected = greedy(model, ids, mask, pv, [plan], steps=5)
     assert torch.equal(tokens, expected)
 
 
-@pytest.mark.parametrize("method,params", [("fastv", {"layer": 2}), ("fastervlm", {}), ("uniform", {}),
-                                           ("random", {"layer": 1})])
+@pytest.mark.parametrize(
+    "method,params", [("fastv", {"layer": 2}), ("fastervlm", {}), ("uniform", {}), ("random", {"layer": 1})]
+)
 def test_batch_equals_each_prompt_alone(llava, method, params):
     shapes = ((3, 4, 1), (1, 2, 2), (7, 3, 1))
     ids, mask, pv = inputs(llava, shapes, seed=5)
@@ -110,7 +118,7 @@ def test_batch_equals_each_prompt_alone(llava, method, params):
         first = 0
         for b, shape in enumerate(shapes):
             ids1, mask1, pv1 = inputs(llava, (shape,), seed=5 + b)
-            pv1 = pv[first:first + shape[2]]
+            pv1 = pv[first : first + shape[2]]
             first += shape[2]
             logits1, tokens1 = run(llava, ids1, mask1, pv1), generate(llava, ids1, mask1, pv1, steps=5)
             assert torch.equal(pruned.plans[0].keep_visual[0], plan.keep_visual[b])
@@ -158,9 +166,15 @@ def test_original_and_renumbered_positions(llava, layer):
             plan = pruned.plans[0]
         renumber = positions == "renumber"
         with torch.no_grad():
-            expected = layer_loop(llava, embed(llava, ids, pv), mask, original_positions(mask),
-                                  list(plan.keep_tokens), layer, renumber=renumber)
-            expected_tokens = greedy(llava, ids, mask, pv, plan, steps=5, renumber=renumber)
+            expected = layer_loop(
+                llava,
+                embed(llava, ids, pv),
+                mask,
+                original_positions(mask),
+                [(layer, plan.keep_tokens)],
+                renumber=renumber,
+            )
+            expected_tokens = greedy(llava, ids, mask, pv, [plan], steps=5, renumber=renumber)
         real = torch.stack([torch.arange(logits.shape[1]) >= logits.shape[1] - len(k) for k in plan.keep_tokens])
         torch.testing.assert_close(logits[real], expected[real], rtol=1e-5, atol=1e-5)
         assert torch.equal(tokens, expected_tokens)
@@ -175,6 +189,27 @@ def test_forward_without_cache_uses_explicit_masks(llava):
         a = run(llava, ids, mask, pv, use_cache=False)
         b = run(llava, ids, None, pv, use_cache=False)
         plan = pruned.plans[0]
-    expected = layer_loop(llava, embed(llava, ids, pv), mask, original_positions(mask), list(plan.keep_tokens), 1)
+    expected = layer_loop(llava, embed(llava, ids, pv), mask, original_positions(mask), [(1, plan.keep_tokens)])
     torch.testing.assert_close(a, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_multi_stage_schedule_equals_reference(request, attn):
+    model = request.getfixturevalue("llava" if attn == "sdpa" else "llava_eager")
+    ids, mask, pv = inputs(model, ((3, 4, 1), (1, 2, 2)), seed=11)
+    config = vlprune.PruneConfig([vlprune.Stage("uniform", keep=9, layer=0), vlprune.Stage("fastv", keep=3, layer=2)])
+    with vlprune.wrap(model, config) as pruned:
+        logits, tokens = run(model, ids, mask, pv), generate(model, ids, mask, pv, steps=5)
+        plans = list(pruned.plans)
+    assert [p.layer for p in plans] == [0, 2]
+    assert plans[0].kept_per_sample == [9, 18] and plans[1].kept_per_sample == [3, 6]
+    for first, second in zip(plans[0].keep_tokens, plans[1].keep_tokens, strict=True):
+        assert set(second.tolist()) <= set(first.tolist())
+    stages = [(p.layer, p.keep_tokens) for p in plans]
+    with torch.no_grad():
+        expected = layer_loop(model, embed(model, ids, pv), mask, original_positions(mask), stages)
+        expected_tokens = greedy(model, ids, mask, pv, plans, steps=5)
+    real = torch.stack([torch.arange(logits.shape[1]) >= logits.shape[1] - len(k) for k in plans[1].keep_tokens])
+    torch.testing.assert_close(logits[real], expected[real], rtol=1e-5, atol=1e-5)
+    assert torch.equal(tokens, expected_tokens)

@@ -9,18 +9,33 @@ VOCAB, IMAGE, PAD = 128, 100, 0
 SIDE = 56  # 56 px / 14 px patches -> 4 x 4 = 16 visual tokens per image
 
 
-def tiny_llava(attn: str = "sdpa", vision: str = "clip", layers: int = 4, seed: int = 0) -> LlavaForConditionalGeneration:
+def tiny_llava(attn: str = "sdpa", vision: str = "clip", layers: int = 4, seed: int = 0):
+    """A random LLaVA (CLIP or SigLIP tower, Llama decoder) with 16 visual tokens per image."""
     torch.manual_seed(seed)
     text = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=2,
     )
-    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=SIDE,
-                 patch_size=14)
+    sizes = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=SIDE, patch_size=14
+    )
     vision_config = CLIPVisionConfig(**sizes, projection_dim=32) if vision == "clip" else SiglipVisionConfig(**sizes)
     strategy = "default" if vision == "clip" else "full"
-    config = LlavaConfig(vision_config=vision_config, text_config=text, image_token_id=IMAGE,
-                         vision_feature_layer=-2, vision_feature_select_strategy=strategy)
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text,
+        image_token_id=IMAGE,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy=strategy,
+    )
     model = LlavaForConditionalGeneration(config).eval()
     model.set_attn_implementation(attn)
     return model
@@ -28,8 +43,11 @@ def tiny_llava(attn: str = "sdpa", vision: str = "clip", layers: int = 4, seed: 
 
 def tokens_per_image(model) -> int:
     v = model.config.vision_config
-    return (v.image_size // v.patch_size) ** 2 - (model.config.vision_feature_select_strategy == "default") + (
-        v.model_type == "clip_vision_model")
+    return (
+        (v.image_size // v.patch_size) ** 2
+        - (model.config.vision_feature_select_strategy == "default")
+        + (v.model_type == "clip_vision_model")
+    )
 
 
 def prompt(model, before: int, after: int, images: int = 1, seed: int = 0) -> list[int]:
@@ -53,6 +71,6 @@ def batch(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.full((len(prompts), length), PAD, dtype=torch.long)
     mask = torch.zeros(len(prompts), length, dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, length - len(p):] = torch.tensor(p)
-        mask[i, length - len(p):] = 1
+        ids[i, length - len(p) :] = torch.tensor(p)
+        mask[i, length - len(p) :] = 1
     return ids, mask

@@ -126,7 +126,8 @@ class Pruned:
 
     def __repr__(self) -> str:
         stages = ", ".join(f"{rs.stage.method}@layer{rs.layer}" for rs in self._stages.values())
-        return f"Pruned({self.adapter.model_type}: {stages}, positions={self.config.positions!r}, active={self._active})"
+        positions = self.config.positions
+        return f"Pruned({self.adapter.model_type}: {stages}, positions={positions!r}, active={self._active})"
 
     # --- hooks -------------------------------------------------------------------------------------------------
     @property
@@ -298,10 +299,14 @@ def _build_config(method, keep, ratio, layer, positions, params) -> PruneConfig:
                 f"{len(config.stages)} stages: edit its PruneConfig instead"
             )
         stage = config.stages[0]
-        budget = {"keep": keep, "ratio": ratio} if ("keep" in overrides or "ratio" in overrides) else {
-            "keep": stage.keep, "ratio": stage.ratio}
-        stage = Stage(stage.method, **budget, layer=overrides.get("layer", stage.layer),
-                      params={**stage.params, **params})
+        budget = (
+            {"keep": keep, "ratio": ratio}
+            if ("keep" in overrides or "ratio" in overrides)
+            else {"keep": stage.keep, "ratio": stage.ratio}
+        )
+        stage = Stage(
+            stage.method, **budget, layer=overrides.get("layer", stage.layer), params={**stage.params, **params}
+        )
         config = PruneConfig([stage], config.positions, config.name)
     return PruneConfig(list(config.stages), positions if positions != "original" else config.positions, config.name)
 

@@ -42,5 +42,5 @@ class KeepPlan:
         return [int(k.numel()) for k in self.keep_visual]
 
     def __repr__(self) -> str:
-        kept = ", ".join(f"{k}/{n}" for k, n in zip(self.kept_per_sample, self.num_visual))
+        kept = ", ".join(f"{k}/{n}" for k, n in zip(self.kept_per_sample, self.num_visual, strict=True))
         return f"KeepPlan(method={self.method!r}, layer={self.layer}, visual kept per sample=[{kept}])"

@@ -48,9 +48,7 @@ def resolve(config: PruneConfig, adapter) -> list[ResolvedStage]:
                 f"{num_layers - 1} (this {adapter.model_type} model has {num_layers} decoder layers)"
             )
         if resolved and layer <= resolved[-1].layer:
-            raise ValueError(
-                f"stage layers must be strictly increasing, got {[r.layer for r in resolved] + [layer]}"
-            )
+            raise ValueError(f"stage layers must be strictly increasing, got {[r.layer for r in resolved] + [layer]}")
         requests = selector.requests(layer, adapter.vision_depth)
         for request in requests:
             adapter.check_request(request, stage.method)

@@ -26,7 +26,8 @@ class FasterVLM(Selector):
     paper = "https://arxiv.org/abs/2412.01818"
 
     def __post_init__(self) -> None:
-        if self.vision_layer is not None and (isinstance(self.vision_layer, bool) or not isinstance(self.vision_layer, int)):
+        layer = self.vision_layer
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
             raise TypeError(f"vision_layer must be an int or None, got {self.vision_layer!r}")
 
     def requests(self, layer: int, vision_depth: int) -> list[SignalRequest]:
