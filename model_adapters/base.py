@@ -82,6 +82,26 @@ class Adapter:
         return out
 
     # --- signals -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def check_vision(store: dict, layouts: list, required: set[str]) -> None:
+        """Raise if the vision signals in ``required`` were not captured for exactly the images the prompt's
+        placeholders call for (for example, features passed in by the caller instead of computed by the model)."""
+        images = sum(len(layout.images) for layout in layouts)
+        missing = sorted(name for name in required if name not in store)
+        if images and missing:
+            raise ValueError(
+                f"the prompt has {images} image(s) but no {missing} signal was captured during this call; pass "
+                "pixel_values to the wrapped model (not precomputed image features) so vlprune sees the vision tower"
+            )
+        captured = [store["features"]] if "features" in store else []
+        captured += list(store.get("cls_attention", {}).values())
+        for value in captured:
+            if value.shape[0] != images:
+                raise ValueError(
+                    f"the prompt has placeholders for {images} image(s) but the vision signals captured during this "
+                    f"call cover {value.shape[0]}; pass pixel_values to the wrapped model so vlprune sees them"
+                )
+
     def check_request(self, request: SignalRequest, method: str) -> None:
         """Raise ``ValueError`` naming the model and method if ``request`` cannot be provided."""
         raise NotImplementedError

@@ -182,3 +182,20 @@ def test_registries():
         vlprune.register_selector("Bad-Name")
     with pytest.raises(ValueError, match="already registered"):
         vlprune.register_selector("fastv")(type("Other", (), {}))
+
+
+def test_precomputed_image_features_are_refused_for_vision_signals(model):
+    x = inputs(model)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=x.pop("pixel_values"), return_dict=True)
+    with vlprune.wrap(model, "fastervlm", keep=3), torch.no_grad():
+        with pytest.raises(ValueError, match=r"no \['cls_attention'\] signal was captured"):
+            model(**x, mm_encoder_outputs={"image": features})
+    with vlprune.wrap(model, "fastv", keep=3) as pruned, torch.no_grad():  # decoder signals need no vision hooks
+        model(**x, mm_encoder_outputs={"image": features})
+    assert pruned.plans[0].kept_per_sample == [3, 6]
+
+
+def test_no_input_is_left_to_the_model(model):
+    with vlprune.wrap(model, "random", keep=3), pytest.raises(ValueError, match="exactly one of input_ids"):
+        model()

@@ -27,10 +27,12 @@ from .attention import ensure_registered, last_query_attention
 from .config import PruneConfig, Stage, load_config, preset_names
 from .hooks import HookSet
 from .plan import KeepPlan
-from .registry import adapter_class, list_methods, selector_class
+from .registry import adapter_class, list_methods
 from .schedule import ResolvedStage, decide, resolve
 
 logger = logging.getLogger(__name__)
+
+VISION_SIGNALS = {"features", "cls_attention"}
 
 
 @dataclass
@@ -138,6 +140,9 @@ class Pruned:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
         mask = kwargs.get("attention_mask")
+        if input_ids is None and kwargs.get("inputs_embeds") is None:
+            self._call = None  # the model raises its own error
+            return None
         if cache is None or cache.get_seq_length() == 0:
             self.plans = []
             self._session = None
@@ -213,6 +218,7 @@ class Pruned:
             call.segment = compaction.initial_segment(
                 hidden, call.attention_mask, kwargs.get("position_ids"), kwargs["position_embeddings"]
             )
+        self.adapter.check_vision(self._vision, call.layouts, {r.name for r in stage.requests} & VISION_SIGNALS)
         keep_slots, plan = decide(stage, call.segment.rows, call.layouts, self._vision, call.llm)
         self.plans.append(plan)
         logger.debug("%r", plan)
@@ -249,7 +255,7 @@ class Pruned:
         hidden = args[0] if args else kwargs["hidden_states"]
         key = (id(segment), compaction.layer_kind(self.adapter.text_config, layer))
         if key not in call.masks:
-            new = call.cache.get_seq_length(layer) + hidden.shape[1] - segment.length if call.cache is not None else 0
+            new = call.cache.get_seq_length(layer) + hidden.shape[1] - segment.length  # decoded so far + this call
             mask2d = self._decode_mask2d(segment, new)
             call.masks[key] = compaction.build_mask(
                 self.adapter.text_config, layer, hidden, mask2d, call.cache, kwargs.get("position_ids")
@@ -282,7 +288,6 @@ def _build_config(method, keep, ratio, layer, positions, params) -> PruneConfig:
     elif isinstance(method, (str, Path)):
         name = str(method)
         if isinstance(method, str) and name in list_methods():
-            selector_class(name)
             return PruneConfig([Stage(name, keep=keep, ratio=ratio, layer=layer, params=dict(params))], positions)
         if isinstance(method, str) and name not in preset_names() and not Path(name).exists():
             raise ValueError(
@@ -344,6 +349,11 @@ def wrap(
     -------
     Pruned
         A handle; ``with vlprune.wrap(...) as pruned:`` unwraps on exit.
+
+    Notes
+    -----
+    With a preset or ``PruneConfig``, ``keep`` / ``ratio`` / ``layer`` / ``**params`` override its single stage, and
+    ``positions="renumber"`` overrides the preset's ``positions``.
 
     Raises
     ------
