@@ -168,6 +168,8 @@ class Pruned:
     def _on_entry_done(self, module, args, kwargs, output):
         if self._in_prefill:
             self._vision.clear()
+            for segment in self._session.layer_segment.values() if self._session else ():
+                segment.masks.clear()  # prefill-sized (eager: (B, 1, L', L')); decoding builds its own
         self._call = None
         return None
 
