@@ -9,7 +9,7 @@ import vlprune
 from reference import embed, greedy, layer_loop, original_positions
 from tiny import batch, pixels, prompt
 
-PRE_LLM = [("random", {}), ("uniform", {}), ("fastervlm", {}), ("vtc_cls", {"start_layer": 0})]
+PRE_LLM = [("random", {}), ("uniform", {}), ("fastervlm", {}), ("vtc_cls", {"start_layer": 0}), ("divprune", {})]
 IN_LLM = [("fastv", {"layer": 2}), ("fastv", {"layer": 1}), ("random", {"layer": 3}), ("fastervlm", {"layer": 2})]
 ALL = PRE_LLM + IN_LLM
 

@@ -5,6 +5,7 @@ import torch
 
 import vlprune
 from vlprune.selectors.base import top_k
+from vlprune.selectors.divprune import max_min_greedy
 from vlprune.selectors.uniform import lattice
 from vlprune.signals import TokenView
 
@@ -108,3 +109,31 @@ def test_fastervlm_default_layer_is_the_feature_layer(llava):
 def test_positions_helper_matches_generate_convention():
     mask = torch.tensor([[0, 0, 1, 1, 1]])
     assert original_positions(mask).tolist() == [[1, 1, 0, 1, 2]]
+
+
+def greedy_on_full_matrix(x: torch.Tensor, k: int) -> list[int]:
+    """The greedy max-min rule written out on the full n x n cosine-distance matrix."""
+    unit = x / x.norm(dim=-1, keepdim=True)
+    d = 1 - unit @ unit.T
+    n = len(x)
+    nearest = [min(d[i, j].item() for j in range(n) if j != i) for i in range(n)]
+    chosen = [max(range(n), key=lambda i: nearest[i])]
+    while len(chosen) < k:
+        rest = [j for j in range(n) if j not in chosen]
+        chosen.append(max(rest, key=lambda j: min(d[s, j].item() for s in chosen)))
+    return chosen
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_divprune_greedy_equals_full_matrix_rule(seed, k):
+    x = torch.randn(13, 6, generator=torch.Generator().manual_seed(seed))
+    assert max_min_greedy(x, k, chunk=4).tolist() == greedy_on_full_matrix(x, k)
+
+
+def test_divprune_picks_one_token_per_cluster():
+    centres = torch.eye(4)[:3] * 10  # three well separated directions
+    noise = 0.01 * torch.randn(15, 4, generator=torch.Generator().manual_seed(0))
+    x = centres.repeat_interleave(5, 0) + noise  # tokens 0-4, 5-9, 10-14 are near-duplicates
+    chosen = max_min_greedy(x, 3)
+    assert sorted(int(c) // 5 for c in chosen) == [0, 1, 2]
