@@ -137,3 +137,22 @@ def test_divprune_picks_one_token_per_cluster():
     x = centres.repeat_interleave(5, 0) + noise  # tokens 0-4, 5-9, 10-14 are near-duplicates
     chosen = max_min_greedy(x, 3)
     assert sorted(int(c) // 5 for c in chosen) == [0, 1, 2]
+
+
+def test_a_stage_sees_only_the_signals_it_requested():
+    from vlprune.schedule import SampleLayout, decide, resolve
+
+    config = vlprune.PruneConfig([vlprune.Stage("fastv", keep=2, layer=2), vlprune.Stage("fastv", keep=1, layer=4)])
+
+    class Shape:  # just what resolve() reads
+        num_layers, vision_depth, model_type = 6, 3, "llava"
+
+        def check_request(self, request, method):
+            pass
+
+    first, second = resolve(config, Shape())
+    layout = SampleLayout(torch.tensor([1, 2, 3, 4]), torch.zeros(4, dtype=torch.long), torch.arange(4), [0], [None])
+    rows = torch.arange(6)[None]
+    llm = {1: torch.tensor([[0.0, 9, 8, 0, 0, 0]]), 3: torch.tensor([[0.0, 0, 0, 7, 9, 0]])}
+    assert decide(first, rows, [layout], {}, llm)[1].keep_visual[0].tolist() == [0, 1]  # layer 1's scores
+    assert decide(second, rows, [layout], {}, llm)[1].keep_visual[0].tolist() == [3]  # layer 3's scores

@@ -88,14 +88,18 @@ def decide(
     keep_slots : per sample, ascending slot indices to keep.
     plan : the stage's :class:`KeepPlan`.
     """
+    wanted = {(r.name, r.layer) for r in rs.requests}  # a view carries only this stage's own signals
+    cls = {k: v for k, v in vision.get("cls_attention", {}).items() if ("cls_attention", k) in wanted}
+    llm = {k: v for k, v in llm.items() if ("llm_attention", k) in wanted}
+    features = vision.get("features") if ("features", None) in wanted else None
     keep_slots, keep_visual, keep_tokens, image_of = [], [], [], []
     for b, layout in enumerate(layouts):
         row = rows[b].cpu()
-        ordinal = torch.full((max(int(row.max()) + 1, 1),), -1, dtype=torch.long)  # input position -> visual ordinal
-        visual_positions = layout.positions[layout.positions < ordinal.numel()]
-        ordinal[visual_positions] = torch.arange(visual_positions.numel())
-        slot_ordinal = torch.where(row >= 0, ordinal[row.clamp(min=0)], -1)  # (Lc,)
-        slot_visual = slot_ordinal >= 0
+        found = torch.searchsorted(layout.positions, row).clamp(max=max(layout.positions.numel() - 1, 0))
+        slot_visual = (row >= 0) & (layout.positions.numel() > 0)
+        if layout.positions.numel():
+            slot_visual &= layout.positions[found] == row
+        slot_ordinal = torch.where(slot_visual, found, -1)  # (Lc,) index into the sample's visual tokens
         kept = [torch.nonzero((row >= 0) & ~slot_visual).flatten()]  # text (and the input's padding) stays
         for j, image in enumerate(layout.images):
             slots = torch.nonzero(slot_visual & (layout.image_of[slot_ordinal.clamp(min=0)] == j)).flatten()
@@ -103,9 +107,9 @@ def decide(
                 continue
             local = layout.local[slot_ordinal[slots]]
             view = TokenView(index=local, grid=layout.grids[j], image=j)
-            if "features" in vision:
-                view.features = vision["features"][image][local.to(vision["features"].device)]
-            for key, scores in vision.get("cls_attention", {}).items():
+            if features is not None:
+                view.features = features[image][local.to(features.device)]
+            for key, scores in cls.items():
                 view.cls_attention[key] = scores[image][local.to(scores.device)]
             for key, scores in llm.items():
                 view.llm_attention[key] = scores[b][slots.to(scores.device)]
