@@ -3,6 +3,7 @@ signals it can provide. One subclass per family, registered by ``config.model_ty
 
 from __future__ import annotations
 
+import sys
 from typing import ClassVar
 
 import torch
@@ -45,9 +46,33 @@ class Adapter:
         """Rotary ``(cos, sin)`` for ``position_ids`` (B, L), as the language model computes them."""
         return self.language_model.rotary_emb(hidden, position_ids=position_ids)
 
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The language model's final norm (before the LM head)."""
+        return self.language_model.norm(hidden)
+
+    def query_key(self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Post-RoPE ``(query (B, H, L, d), key (B, Hkv, L, d), scaling)`` that decoder layer ``layer`` computes from
+        its input ``hidden`` (B, L, D), with its own input norm, projections (and q/k norms where it has them)."""
+        block = self.layers[layer]
+        attention = block.self_attn
+        x = block.input_layernorm(hidden)
+        shape = (*x.shape[:-1], -1, attention.head_dim)
+        query, key = attention.q_proj(x).view(shape), attention.k_proj(x).view(shape)
+        if getattr(attention, "q_norm", None) is not None:
+            query, key = attention.q_norm(query), attention.k_norm(key)
+        rope = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        query, key = rope(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+        return query, key, attention.scaling
+
     def scoring_configs(self, requests: list[SignalRequest]) -> list[str]:
         """Sub-config keys whose attention must run through the scoring wrapper for ``requests``."""
-        keys = {"llm_attention": "text_config", "cls_attention": "vision_config"}
+        keys = {
+            "llm_attention": "text_config",
+            "llm_keys": "text_config",
+            "text_attention": "text_config",
+            "cls_attention": "vision_config",
+            "vision_keys": "vision_config",
+        }
         return sorted({keys[r.name] for r in requests if r.name in keys})
 
     # --- tokens ------------------------------------------------------------------------------------------------
@@ -122,13 +147,22 @@ class Adapter:
 
         hooks.pre(module, pre_hook)
 
-    def cls_scorer(self, store: dict, keys: list, drop_cls: bool):
-        """A scorer that stores the [CLS] row (head mean) under each of ``keys`` in ``store["cls_attention"]``."""
+    def install_projector_stage(self, hooks: HookSet, stage) -> None:
+        """Make the projector's input pass through ``stage`` ((n_img, N, Dv) -> same shape) first."""
+        raise NotImplementedError(f"{type(self).__name__} has no pre-projector stage support")
+
+    @staticmethod
+    def vision_scorer(store: dict, keys: list, drop_cls: bool, want_keys: bool = False):
+        """A scorer for one vision attention module: stores the [CLS] row (head mean) under each of ``keys`` in
+        ``store["cls_attention"]`` and, with ``want_keys``, the head-mean keys in ``store["vision_keys"]``."""
 
         def scorer(module, query, key, kwargs):
-            scores = first_query_attention(query, key, kwargs.get("scaling")).detach()  # (n_img, T)
-            scores = scores[:, 1:] if drop_cls else scores
-            for k in keys:
-                store.setdefault("cls_attention", {})[k] = scores
+            if keys:
+                scores = first_query_attention(query, key, kwargs.get("scaling")).detach()  # (n_img, T)
+                scores = scores[:, 1:] if drop_cls else scores
+                for k in keys:
+                    store.setdefault("cls_attention", {})[k] = scores
+            if want_keys:
+                store["vision_keys"] = key.detach().mean(1)  # (n_img, T, d)
 
         return scorer

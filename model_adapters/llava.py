@@ -3,7 +3,9 @@ tower without one such as SigLIP) -> projector -> image placeholders scattered i
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+from torch.func import functional_call
 
 from ..attention import PREFIX, SUPPORTED_BASES
 from ..hooks import HookSet
@@ -77,17 +79,44 @@ class LlavaAdapter(Adapter):
                 )
             self.vision_layer(request.layer)
             self._check_attention("vision_config", method)
-        elif request.name == "llm_attention":
+        elif request.name in ("llm_attention", "llm_keys", "text_attention"):
             self._check_attention("text_config", method)
+        elif request.name == "vision_keys":
+            self.vision_layer(None)
+            self._check_attention("vision_config", method)
+        if request.name == "vision_hidden" and not self.has_cls and method == "visionzip":
+            raise ValueError(f"method {method!r} needs a vision tower with a [CLS] token")
 
     def install_vision(self, requests: list[SignalRequest], store: dict, hooks: HookSet) -> None:
         names = {r.name for r in requests}
         if "features" in names:
             hooks.post(self.projector, lambda module, args, kwargs, out: store.__setitem__("features", out.detach()))
+        if names & {"vision_hidden", "projector"}:
+            hooks.pre(self.projector, lambda module, args: store.__setitem__("vision_hidden", args[0].detach()))
+        if "projector" in names:
+            store["project"] = self.project_fp32
+        feature_layer = self.vision_layer(None) if names & {"vision_hidden", "vision_keys"} else None
+        if "vision_hidden" in names and self.has_cls:
+            hooks.post(
+                self.vision_tower.encoder.layers[feature_layer],
+                lambda module, args, kwargs, out: store.__setitem__("cls_hidden", out[:, 0].detach()),
+            )
         by_layer: dict[int, list] = {}
         for r in requests:
             if r.name == "cls_attention":
                 by_layer.setdefault(self.vision_layer(r.layer), []).append(r.layer)
+            if r.name == "vision_keys":
+                by_layer.setdefault(feature_layer, [])
+        drop_cls = self.strategy == "default"
         for layer, keys in by_layer.items():
-            attention = self.vision_tower.encoder.layers[layer].self_attn
-            self.inject_scorer(hooks, attention, self.cls_scorer(store, keys, drop_cls=self.strategy == "default"))
+            want_keys = "vision_keys" in names and layer == feature_layer
+            scorer = self.vision_scorer(store, keys, drop_cls, want_keys)
+            self.inject_scorer(hooks, self.vision_tower.encoder.layers[layer].self_attn, scorer)
+
+    def project_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """The projector applied in fp32 to ``(m, Dv)`` inputs, without changing the model's own parameters."""
+        params = {name: p.float() for name, p in self.projector.named_parameters()}
+        return functional_call(self.projector, params, (x.float(),))
+
+    def install_projector_stage(self, hooks: HookSet, stage) -> None:
+        hooks.pre(self.projector, lambda module, args: (stage(args[0]), *args[1:]))

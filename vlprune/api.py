@@ -23,16 +23,18 @@ import torch
 from torch import nn
 
 from . import compaction
-from .attention import ensure_registered, last_query_attention
+from .attention import ensure_registered, head_mean_attention, last_query_attention, repeated_keys
 from .config import PruneConfig, Stage, load_config, preset_names
 from .hooks import HookSet
 from .plan import KeepPlan
 from .registry import adapter_class, list_methods
-from .schedule import ResolvedStage, decide, resolve
+from .schedule import ResolvedStage, StageInputs, decide, resolve
+from .selectors.base import Selection
+from .signals import VISION, TokenView
 
 logger = logging.getLogger(__name__)
 
-VISION_SIGNALS = {"features", "cls_attention"}
+LLM_SCORED = ("llm_attention", "llm_keys", "text_attention")  # computed inside a decoder layer's attention
 
 
 @dataclass
@@ -44,7 +46,8 @@ class _Call:
     cache: Any
     layouts: list | None = None
     segment: compaction.Segment | None = None
-    llm: dict[int, torch.Tensor] = field(default_factory=dict)
+    llm: dict[str, dict] = field(default_factory=dict)  # signal -> {layer: (slot rows then, value)}
+    embeddings: torch.Tensor | None = None
     masks: dict = field(default_factory=dict)  # decode: (segment id, layer kind) -> mask
     positions: dict = field(default_factory=dict)  # decode, renumbered: segment id -> (position_ids, cos, sin)
 
@@ -98,10 +101,19 @@ class Pruned:
         self._hooks.pre(adapter.entry, self._on_entry)
         self._hooks.post(adapter.entry, self._on_entry_done)
         adapter.install_vision(requests, self._vision, self._hooks)
-        for layer in sorted({r.layer for r in requests if r.name == "llm_attention"}):
+        first = self._stages[min(self._stages)]
+        if first.selector.space == "vision":
+            adapter.install_projector_stage(self._hooks, self._vision_stage)
+        scored: dict[int, set[str]] = {}
+        for r in requests:
+            if r.name in LLM_SCORED:
+                scored.setdefault(r.layer, set()).add(r.name)
+        for layer, names in sorted(scored.items()):
             adapter.inject_scorer(
-                self._hooks, adapter.attention_module(layer), self._llm_scorer(layer), lambda: self._in_prefill
+                self._hooks, adapter.attention_module(layer), self._llm_scorer(layer, names), lambda: self._in_prefill
             )
+        if any(r.name == "embeddings" for r in requests):
+            self._hooks.pre(adapter.language_model, self._on_language_model)
         for layer in range(min(self._stages), adapter.num_layers):
             self._hooks.pre(adapter.layers[layer], self._layer_hook(layer))
         self._active = True
@@ -182,15 +194,122 @@ class Pruned:
             tail = segment.mask.new_ones(segment.mask.shape[0], new)
         return torch.cat([segment.mask, tail], dim=1)
 
-    def _llm_scorer(self, layer: int):
+    def _on_language_model(self, module, args, kwargs):
+        if self._in_prefill:
+            self._call.embeddings = kwargs.get("inputs_embeds")
+        return None
+
+    def _slot_rows(self, length: int, device) -> torch.Tensor:
+        call = self._call
+        if call.segment is not None:
+            return call.segment.rows
+        return torch.arange(length, device=device).expand(len(call.layouts), length)
+
+    def _llm_scorer(self, layer: int, names: set[str]):
         def scorer(module, query, key, kwargs):
             call = self._call
+            query, key = query.detach(), key.detach()
             key_mask = call.segment.mask if call.segment is not None else call.attention_mask
             if key_mask is not None:
                 key_mask = key_mask.to(device=key.device, dtype=torch.bool)
-            call.llm[layer] = last_query_attention(query, key, kwargs.get("scaling"), key_mask).detach()
+            rows = self._slot_rows(key.shape[2], key.device)
+            scaling = kwargs.get("scaling")
+            if "llm_attention" in names:
+                call.llm.setdefault("llm_attention", {})[layer] = (
+                    rows,
+                    last_query_attention(query, key, scaling, key_mask),
+                )
+            if "llm_keys" in names:
+                call.llm.setdefault("llm_keys", {})[layer] = (rows, repeated_keys(query, key))
+            if "text_attention" in names:
+                call.llm.setdefault("text_attention", {})[layer] = (
+                    rows,
+                    self._text_rows(query, key, scaling, key_mask, rows),
+                )
 
         return scorer
+
+    def _text_rows(self, query, key, scaling, key_mask, rows) -> list:
+        """Per sample: the input rows of its text tokens after its first visual token, and their head-mean
+        attention over all keys (t, L)."""
+        out = []
+        for b, layout in enumerate(self._call.layouts):
+            row = rows[b].cpu()
+            if layout.positions.numel() == 0:
+                out.append((torch.zeros(0, dtype=torch.long), query.new_zeros(0, key.shape[2])))
+                continue
+            after = (row > layout.positions[0]) & ~torch.isin(row, layout.positions)
+            if key_mask is not None:
+                after &= key_mask[b].cpu()
+            slots = torch.nonzero(after).flatten()
+            mask_b = key_mask[b : b + 1] if key_mask is not None else None
+            scores = head_mean_attention(query[b : b + 1, :, slots.to(query.device)], key[b : b + 1], scaling, mask_b)
+            out.append((row[slots], scores[0]))
+        return out
+
+    def _stage_inputs(self, stage: ResolvedStage, layer: int, hidden: torch.Tensor) -> StageInputs:
+        call = self._call
+        rows = call.segment.rows
+        inputs = StageInputs(rows=rows, vision=self._vision, embeddings=call.embeddings)
+        wanted = {(r.name, r.layer) for r in stage.requests}
+        for name, per_layer in call.llm.items():
+            for key, (old_rows, value) in per_layer.items():
+                if (name, key) not in wanted:
+                    continue
+                if name == "text_attention":
+                    value = [
+                        (
+                            q,
+                            s[
+                                :,
+                                torch.searchsorted(old_rows[b].contiguous(), rows[b].contiguous()).clamp(
+                                    max=s.shape[1] - 1
+                                ),
+                            ],
+                        )
+                        for b, (q, s) in enumerate(value)
+                    ]
+                    inputs.text_attention[key] = value
+                else:
+                    target = inputs.llm if name == "llm_attention" else inputs.keys
+                    target[key] = compaction.align(value, old_rows, rows)
+        names = {name for name, _ in wanted}
+        if "hidden" in names:
+            inputs.hidden = hidden
+        if "normed_hidden" in names:
+            inputs.normed = self.adapter.final_norm(hidden)
+        if "incoming_attention" in names:
+            segment = call.segment
+            query, key, scaling = self.adapter.query_key(layer, hidden, segment.cos, segment.sin)
+            inputs.incoming = last_query_attention(query, key, scaling, segment.mask.to(key.device))
+        return inputs
+
+    def _vision_stage(self, x: torch.Tensor) -> torch.Tensor:
+        """Projector pre-hook of a vision-space first stage: decide per image and write the outputs of merging
+        selectors into the projector's input (the dropped slots are removed before decoder layer 0)."""
+        if not self._in_prefill:
+            return x
+        rs = self._stages[min(self._stages)]
+        store, wanted = self._vision, {(r.name, r.layer) for r in rs.requests}
+        decided, out = [], x.clone()
+        n = x.shape[1]
+        for image in range(x.shape[0]):
+            view = TokenView(index=torch.arange(n), grid=self.adapter.image_grid(n), image=image)
+            view.vision_hidden = x[image]
+            view.cls_hidden = store["cls_hidden"][image] if "cls_hidden" in store else None
+            if "vision_keys" in store:
+                keys = store["vision_keys"][image]
+                view.vision_keys, view.cls_key = keys[-n:], (keys[0] if keys.shape[0] > n else None)
+            for key, scores in store.get("cls_attention", {}).items():
+                if ("cls_attention", key) in wanted:
+                    view.cls_attention[key] = scores[image]
+            chosen = rs.selector.select(view, rs.stage.budget(n))
+            selection = chosen if isinstance(chosen, Selection) else Selection.pruned(chosen)
+            sources = x[image] if view.cls_hidden is None else torch.cat([x[image], view.cls_hidden[None]])
+            decided.append(selection)
+            out[image, selection.keep.to(x.device)] = selection.apply(sources)
+        store["decided"] = decided
+        return out
 
     def _layer_hook(self, layer: int):
         def hook(module, args, kwargs):
@@ -220,15 +339,20 @@ class Pruned:
             call.segment = compaction.initial_segment(
                 hidden, call.attention_mask, kwargs.get("position_ids"), kwargs["position_embeddings"]
             )
-        self.adapter.check_vision(self._vision, call.layouts, {r.name for r in stage.requests} & VISION_SIGNALS)
-        keep_slots, plan = decide(stage, call.segment.rows, call.layouts, self._vision, call.llm)
+        required = {r.name for r in stage.requests} & set(VISION)
+        if stage.selector.space == "vision":
+            required = {"decided"}
+        self.adapter.check_vision(self._vision, call.layouts, required)
+        keep_slots, merges, plan = decide(stage, self._stage_inputs(stage, layer, hidden), call.layouts)
         self.plans.append(plan)
         logger.debug("%r", plan)
-        if all(int(k.numel()) == call.segment.length for k in keep_slots):
+        if all(int(k.numel()) == call.segment.length for k in keep_slots) and not any(m is not None for m in merges):
             return hidden
         if self._session is None:
             self._session = _Session(call.segment.length, {})
-        call.segment, hidden = compaction.compact(call.segment, hidden, keep_slots, self._renumber, self.adapter.rotary)
+        call.segment, hidden = compaction.compact(
+            call.segment, hidden, keep_slots, self._renumber, self.adapter.rotary, merges
+        )
         for later in range(layer, self.adapter.num_layers):
             self._session.layer_segment[later] = call.segment
         return hidden

@@ -67,7 +67,7 @@ def ensure_registered(base: str) -> str:
     return name
 
 
-def _head_mean_softmax(query: torch.Tensor, key: torch.Tensor, scaling: float | None, key_mask) -> torch.Tensor:
+def head_mean_attention(query: torch.Tensor, key: torch.Tensor, scaling: float | None, key_mask) -> torch.Tensor:
     """Softmax attention of the given query rows over all keys, mean over heads: ``(B, Lq, Lk)``.
 
     ``query`` (B, H, Lq, D), ``key`` (B, Hkv, Lk, D) with grouped heads (H = Hkv * g); ``key_mask`` (B, Lk) bool.
@@ -84,9 +84,16 @@ def _head_mean_softmax(query: torch.Tensor, key: torch.Tensor, scaling: float | 
 
 def last_query_attention(query: torch.Tensor, key: torch.Tensor, scaling, key_mask=None) -> torch.Tensor:
     """Head-mean attention of the last query row over all keys: ``(B, Lk)``."""
-    return _head_mean_softmax(query[:, :, -1:], key, scaling, key_mask)[:, 0]
+    return head_mean_attention(query[:, :, -1:], key, scaling, key_mask)[:, 0]
 
 
 def first_query_attention(query: torch.Tensor, key: torch.Tensor, scaling) -> torch.Tensor:
     """Head-mean attention of the first query row ([CLS] in CLIP-like towers) over all keys: ``(B, Lk)``."""
-    return _head_mean_softmax(query[:, :, :1], key, scaling, None)[:, 0]
+    return head_mean_attention(query[:, :, :1], key, scaling, None)[:, 0]
+
+
+def repeated_keys(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Keys ``(B, Hkv, L, D)`` repeated to the query's heads and flattened per token: ``(B, L, H*D)``."""
+    b, hkv, length, d = key.shape
+    key = key.repeat_interleave(query.shape[1] // hkv, dim=1)  # (B, H, L, D)
+    return key.transpose(1, 2).reshape(b, length, -1)

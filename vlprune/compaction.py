@@ -79,10 +79,12 @@ def compact(
     keep_slots: list[torch.Tensor],
     renumber: bool,
     rotary: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    merges: list | None = None,
 ) -> tuple[Segment, torch.Tensor]:
     """Keep ``keep_slots[b]`` (ascending slot indices of ``segment``) of each sample; right-align (left padding).
 
-    Returns the new segment and the gathered hidden states ``(B, L', D)``.
+    ``merges[b]``, when not ``None``, is ``(source_slots, target_slots, weights)``: each target (a kept slot) becomes
+    the weighted sum of its sources, accumulated in fp32. Returns the new segment and the hidden states (B, L', D).
     """
     b = hidden.shape[0]
     device = hidden.device
@@ -97,6 +99,11 @@ def compact(
     rows = torch.where(valid, torch.gather(segment.rows, 1, index), -1)
     mask = valid & torch.gather(segment.mask, 1, index)
     new_hidden = gather_tokens(hidden, index)  # (B, L', D)
+    for i, merge in enumerate(merges or ()):
+        if merge is not None:
+            new_hidden[i] = merge_tokens(
+                hidden[i], new_hidden[i], keep_slots[i], new_len - int(keep_slots[i].numel()), *merge
+            )
     if renumber:
         position_ids = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1)
         cos, sin = rotary(new_hidden, position_ids)
@@ -105,6 +112,29 @@ def compact(
         cos, sin = gather_tokens(segment.cos, index), gather_tokens(segment.sin, index)
     shift = segment.shift + segment.mask.sum(-1) - mask.sum(-1)
     return Segment(rows, mask, position_ids, cos, sin, shift), new_hidden
+
+
+def merge_tokens(hidden, gathered, kept, offset, sources, targets, weights) -> torch.Tensor:
+    """One sample: ``gathered`` (L', D) with each target slot replaced by the weighted sum of its source slots of
+    ``hidden`` (L, D). ``kept`` are the ascending kept slots, placed from ``offset`` on."""
+    device = hidden.device
+    targets_at = offset + torch.searchsorted(kept.to(device), targets.to(device))
+    unique, group = torch.unique(targets_at, return_inverse=True)
+    acc = torch.zeros(unique.numel(), hidden.shape[-1], device=device, dtype=torch.float32)
+    acc.index_add_(0, group, hidden[sources.to(device)].float() * weights.to(device)[:, None])
+    out = gathered.clone()
+    out[unique] = acc.to(hidden.dtype)
+    return out
+
+
+def align(values: torch.Tensor, old_rows: torch.Tensor, new_rows: torch.Tensor) -> torch.Tensor:
+    """``values`` (B, L_old, ...) laid out on slots ``old_rows`` re-laid on ``new_rows`` (B, L_new) (each new row
+    is among the old ones; rows are ascending after leading ``-1`` padding)."""
+    if old_rows.shape == new_rows.shape and torch.equal(old_rows, new_rows):
+        return values
+    index = torch.searchsorted(old_rows.to(new_rows.device).contiguous(), new_rows.contiguous())
+    index = index.clamp(max=old_rows.shape[1] - 1).to(values.device)
+    return gather_tokens(values, index)
 
 
 def layer_kind(config, layer_idx: int) -> str:

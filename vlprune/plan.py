@@ -27,6 +27,16 @@ class KeepPlan:
         Per sample, for each entry of ``keep_visual``, the index (within the sample) of the image it came from.
     num_visual : list of int
         Per sample, the number of visual tokens before any pruning.
+    merged_into : list of LongTensor
+        Per sample, for each of its ``num_visual`` visual tokens, the visual index (an entry of ``keep_visual``)
+        of the kept token whose value it went into: itself when kept as is, another kept token when merged, ``-1``
+        when discarded (or removed by an earlier stage).
+    merge_weight : list of Tensor
+        Per sample, the weight of each visual token in the token it went into (``1`` when kept as is, ``0`` when
+        discarded).
+    space : str
+        Where the values were combined: ``"llm"`` (decoder hidden states before ``layer``) or ``"vision"`` (the
+        projector's input; VisionZip's [CLS] token, not a placeholder, is then a further unlisted source).
     """
 
     layer: int
@@ -35,11 +45,22 @@ class KeepPlan:
     keep_tokens: list[torch.Tensor]
     image_of: list[torch.Tensor]
     num_visual: list[int]
+    merged_into: list[torch.Tensor]
+    merge_weight: list[torch.Tensor]
+    space: str = "llm"
 
     @property
     def kept_per_sample(self) -> list[int]:
         """Number of visual tokens kept in each sample."""
         return [int(k.numel()) for k in self.keep_visual]
+
+    @property
+    def merges(self) -> bool:
+        """Whether any kept token carries more than its own value."""
+        return any(
+            bool(((into >= 0) & (into != torch.arange(into.numel()))).any()) or bool((w[into >= 0] != 1).any())
+            for into, w in zip(self.merged_into, self.merge_weight, strict=True)
+        )
 
     def __repr__(self) -> str:
         kept = ", ".join(f"{k}/{n}" for k, n in zip(self.kept_per_sample, self.num_visual, strict=True))

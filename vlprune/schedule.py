@@ -3,15 +3,15 @@ stage's signals into kept slots and a :class:`KeepPlan`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .config import PruneConfig, Stage
 from .plan import KeepPlan
 from .registry import create_selector
-from .selectors.base import Selector
-from .signals import SignalRequest, TokenView
+from .selectors.base import Selection, Selector
+from .signals import TOKENWISE, SignalRequest, TokenView
 
 
 @dataclass
@@ -49,6 +49,11 @@ def resolve(config: PruneConfig, adapter) -> list[ResolvedStage]:
             )
         if resolved and layer <= resolved[-1].layer:
             raise ValueError(f"stage layers must be strictly increasing, got {[r.layer for r in resolved] + [layer]}")
+        if selector.space == "vision" and (layer != 0 or resolved):
+            raise ValueError(
+                f"{stage.method!r} acts on the vision tower's output: it must be the first stage, at layer 0 "
+                f"(got layer={layer}{' after another stage' if resolved else ''})"
+            )
         requests = selector.requests(layer, adapter.vision_depth)
         for request in requests:
             adapter.check_request(request, stage.method)
@@ -56,71 +61,140 @@ def resolve(config: PruneConfig, adapter) -> list[ResolvedStage]:
     return resolved
 
 
-def _check_selection(method: str, chosen: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    chosen = torch.as_tensor(chosen).reshape(-1).long().cpu()
-    if chosen.numel() != k or (chosen.numel() and (chosen.min() < 0 or chosen.max() >= n)):
-        raise RuntimeError(f"selector {method!r} returned {chosen.numel()} indices for keep={k} of {n} tokens")
-    chosen = torch.sort(chosen).values
-    if chosen.numel() > 1 and bool((chosen[1:] == chosen[:-1]).any()):
+def _check_selection(method: str, chosen, n: int, sources: int, k: int) -> Selection:
+    selection = chosen if isinstance(chosen, Selection) else Selection.pruned(chosen)
+    keep = torch.as_tensor(selection.keep).reshape(-1).long().cpu()
+    if keep.numel() != k or (keep.numel() and (keep.min() < 0 or keep.max() >= n)):
+        raise RuntimeError(f"selector {method!r} returned {keep.numel()} indices for keep={k} of {n} tokens")
+    if torch.unique(keep).numel() != keep.numel():
         raise RuntimeError(f"selector {method!r} returned duplicate indices")
-    return chosen
+    into, weight = selection.into, selection.weight
+    if into is not None:
+        into, weight = into.reshape(-1).long().cpu(), weight.reshape(-1).float().cpu()
+        if into.numel() != sources or weight.numel() != sources or bool((into >= k).any() or (into < -1).any()):
+            raise RuntimeError(f"selector {method!r} returned a merge map that does not fit {sources} sources -> {k}")
+    return Selection(keep, into, weight)
 
 
-def decide(
-    rs: ResolvedStage,
-    rows: torch.Tensor,
-    layouts: list[SampleLayout],
-    vision: dict,
-    llm: dict[int, torch.Tensor],
-) -> tuple[list[torch.Tensor], KeepPlan]:
+@dataclass
+class StageInputs:
+    """Everything a stage may read, aligned to the current segment's slots (``rows``, (B, Lc)).
+
+    ``llm`` / ``keys`` / ``incoming`` / ``hidden`` / ``normed``: (B, Lc, ...) tensors; ``text_attention``:
+    ``{layer: [(query_slots (t,), scores (t, Lc)) per sample]}``; ``embeddings``: (B, L0, D) indexed by input row.
+    """
+
+    rows: torch.Tensor
+    vision: dict
+    llm: dict[int, torch.Tensor] = field(default_factory=dict)
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    text_attention: dict[int, list] = field(default_factory=dict)
+    incoming: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    normed: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+
+
+def _tokenwise(view: TokenView, inputs: StageInputs, b: int, slots: torch.Tensor, rows: torch.Tensor, wanted) -> None:
+    """Fill the token-wise LLM signals of ``view`` for the given slots (and input ``rows``) of sample ``b``."""
+    for name, value in (("hidden", inputs.hidden), ("normed_hidden", inputs.normed)):
+        if value is not None and (name, None) in wanted:
+            setattr(view, name, value[b][slots.to(value.device)])
+    if inputs.embeddings is not None and ("embeddings", None) in wanted:
+        view.embeddings = inputs.embeddings[b][rows.to(inputs.embeddings.device)]
+    for key, value in inputs.keys.items():
+        if ("llm_keys", key) in wanted:
+            view.llm_keys[key] = value[b][slots.to(value.device)]
+
+
+def _view(rs: ResolvedStage, inputs: StageInputs, layout, b: int, j: int, slots, local, text_slots, wanted):
+    image = layout.images[j]
+    vision, row = inputs.vision, inputs.rows[b].cpu()
+    view = TokenView(index=local, grid=layout.grids[j], image=j)
+    if ("features", None) in wanted:
+        view.features = vision["features"][image][local.to(vision["features"].device)]
+    for key, scores in vision.get("cls_attention", {}).items():
+        if ("cls_attention", key) in wanted:
+            view.cls_attention[key] = scores[image][local.to(scores.device)]
+    for key, scores in inputs.llm.items():
+        if ("llm_attention", key) in wanted:
+            view.llm_attention[key] = scores[b][slots.to(scores.device)]
+    if inputs.incoming is not None and ("incoming_attention", None) in wanted:
+        view.incoming_attention = inputs.incoming[b][slots.to(inputs.incoming.device)]
+    for key, per_sample in inputs.text_attention.items():
+        if ("text_attention", key) in wanted:
+            queries, scores = per_sample[b]
+            after = queries > slots.max()
+            view.text_attention[key] = scores[after.to(scores.device)][:, slots.to(scores.device)]
+    _tokenwise(view, inputs, b, slots, row[slots], wanted)
+    if any(name in TOKENWISE for name, _ in wanted):
+        view.text = TokenView(index=text_slots, grid=None, image=j)
+        _tokenwise(view.text, inputs, b, text_slots, row[text_slots], wanted)
+    return view
+
+
+def decide(rs: ResolvedStage, inputs: StageInputs, layouts: list[SampleLayout]):
     """Apply one stage to the current segment.
-
-    Parameters
-    ----------
-    rows : LongTensor (B, Lc)
-        Input-sequence index of each slot of the current segment (``-1`` for added padding).
-    layouts : per-sample visual token layout.
-    vision : ``{"features": (n_img, N, D), "cls_attention": {layer: (n_img, N)}}`` as captured.
-    llm : ``{decoder_layer: (B, Lc)}`` attention of the last prompt token over the current slots.
 
     Returns
     -------
     keep_slots : per sample, ascending slot indices to keep.
+    merges : per sample, ``None`` or ``(source_slots, target_slots, weights)`` to combine after the gather.
     plan : the stage's :class:`KeepPlan`.
     """
     wanted = {(r.name, r.layer) for r in rs.requests}  # a view carries only this stage's own signals
-    cls = {k: v for k, v in vision.get("cls_attention", {}).items() if ("cls_attention", k) in wanted}
-    llm = {k: v for k, v in llm.items() if ("llm_attention", k) in wanted}
-    features = vision.get("features") if ("features", None) in wanted else None
-    keep_slots, keep_visual, keep_tokens, image_of = [], [], [], []
+    decided = inputs.vision.get("decided") if rs.selector.space == "vision" else None
+    keep_slots, merges, keep_visual, keep_tokens, image_of, merged_into, merge_weight = [], [], [], [], [], [], []
     for b, layout in enumerate(layouts):
-        row = rows[b].cpu()
-        found = torch.searchsorted(layout.positions, row).clamp(max=max(layout.positions.numel() - 1, 0))
-        slot_visual = (row >= 0) & (layout.positions.numel() > 0)
-        if layout.positions.numel():
+        row = inputs.rows[b].cpu()
+        nvis = layout.positions.numel()
+        found = torch.searchsorted(layout.positions, row).clamp(max=max(nvis - 1, 0))
+        slot_visual = (row >= 0) & (nvis > 0)
+        if nvis:
             slot_visual &= layout.positions[found] == row
         slot_ordinal = torch.where(slot_visual, found, -1)  # (Lc,) index into the sample's visual tokens
-        kept = [torch.nonzero((row >= 0) & ~slot_visual).flatten()]  # text (and the input's padding) stays
+        text = (row >= 0) & ~slot_visual
+        kept = [torch.nonzero(text).flatten()]  # text (and the input's padding) stays
+        into_b = torch.full((nvis,), -1, dtype=torch.long)
+        weight_b = torch.zeros(nvis)
+        src, dst, wts = [], [], []
         for j, image in enumerate(layout.images):
             slots = torch.nonzero(slot_visual & (layout.image_of[slot_ordinal.clamp(min=0)] == j)).flatten()
             if slots.numel() == 0:
                 continue
             local = layout.local[slot_ordinal[slots]]
-            view = TokenView(index=local, grid=layout.grids[j], image=j)
-            if features is not None:
-                view.features = features[image][local.to(features.device)]
-            for key, scores in cls.items():
-                view.cls_attention[key] = scores[image][local.to(scores.device)]
-            for key, scores in llm.items():
-                view.llm_attention[key] = scores[b][slots.to(scores.device)]
             k = rs.stage.budget(int(slots.numel()))
-            kept.append(slots[_check_selection(rs.stage.method, rs.selector.select(view, k), view.n, k)])
+            if decided is not None:
+                chosen = decided[image]
+                sources = int(chosen.into.numel()) if chosen.into is not None else slots.numel()
+            else:
+                text_slots = torch.nonzero(text & (torch.arange(row.numel()) > slots.max())).flatten()
+                view = _view(rs, inputs, layout, b, j, slots, local, text_slots, wanted)
+                chosen, sources = rs.selector.select(view, k), view.n
+            selection = _check_selection(rs.stage.method, chosen, slots.numel(), sources, k)
+            kept.append(slots[selection.keep])
+            ordinals = slot_ordinal[slots]
+            if selection.into is None:
+                into_b[ordinals[selection.keep]] = ordinals[selection.keep]
+                weight_b[ordinals[selection.keep]] = 1.0
+                continue
+            into, weight = selection.into[: slots.numel()], selection.weight[: slots.numel()]
+            used = into >= 0
+            into_b[ordinals[used]] = ordinals[selection.keep[into[used]]]
+            weight_b[ordinals[used]] = weight[used]
+            if decided is None:
+                src.append(slots[used])
+                dst.append(slots[selection.keep[into[used]]])
+                wts.append(weight[used])
         slots_b = torch.sort(torch.cat(kept)).values
         keep_slots.append(slots_b)
+        merges.append((torch.cat(src), torch.cat(dst), torch.cat(wts)) if src else None)
         visual_b = torch.sort(slot_ordinal[slots_b][slot_visual[slots_b]]).values
         keep_visual.append(visual_b)
         image_of.append(layout.image_of[visual_b])
         keep_tokens.append(row[slots_b])
+        merged_into.append(into_b)
+        merge_weight.append(weight_b)
     plan = KeepPlan(
         layer=rs.layer,
         method=rs.stage.method,
@@ -128,5 +202,8 @@ def decide(
         keep_tokens=keep_tokens,
         image_of=image_of,
         num_visual=[int(layout.positions.numel()) for layout in layouts],
+        merged_into=merged_into,
+        merge_weight=merge_weight,
+        space=rs.selector.space,
     )
-    return keep_slots, plan
+    return keep_slots, merges, plan

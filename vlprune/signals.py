@@ -1,28 +1,64 @@
-"""Signals: what selectors read. The adapter computes only the signals a schedule requests.
+"""Signals: what selectors read. The core and the adapter compute only the signals a schedule requests.
 
-=================  =================================================================  ==========================
-signal             value in a :class:`TokenView` (one image's candidate tokens, ``n``)  computed by
-=================  =================================================================  ==========================
-``features``       projected visual tokens ``(n, D)``                                  projector output hook
-``cls_attention``  ``{vision_layer: (n,)}`` [CLS]→patch attention, mean over heads      scoring attention function
-``llm_attention``  ``{decoder_layer: (n,)}`` last prompt token → token, mean over heads  scoring attention function
-``grid``           ``(h, w)`` token grid of the image                                  adapter geometry
-=================  =================================================================  ==========================
+======================  ==========================================================  ===============================
+signal                  value in a :class:`TokenView` (one image's ``n`` candidates)  computed by
+======================  ==========================================================  ===============================
+``features``            projected visual tokens ``(n, D)``                            projector output hook
+``cls_attention``       ``{vision_layer: (n,)}`` [CLS]->patch attention, head mean    scoring attention function
+``llm_attention``       ``{decoder_layer: (n,)}`` last prompt token->token, head mean scoring attention function
+``incoming_attention``  ``(n,)`` the same row as layer ``L`` itself would compute it   stage layer's q/k projections
+                        from its input (``L`` = the stage's layer)
+``text_attention``      ``{decoder_layer: (t, n)}`` each text token after the image   scoring attention function
+                        -> candidate token, head mean (softmax over all keys)
+``llm_keys``            ``{decoder_layer: (n, H*d)}`` post-RoPE keys, KV heads         scoring attention function
+                        repeated to the query heads (text: ``view.text``)
+``hidden``              ``(n, D)`` hidden states entering the stage's layer           stage hook
+``normed_hidden``       ``(n, D)`` the same after the language model's final norm     stage hook
+``embeddings``          ``(n, D)`` the language model's input embeddings (layer 0)    language model pre-hook
+``vision_hidden``       ``(n, Dv)`` the projector's input; ``view.cls_hidden`` (Dv,)   projector pre-hook, feature layer
+                        the [CLS] state of the same layer when the tower has one
+``vision_keys``         ``(n, d)`` head-mean keys of the vision feature layer;        scoring attention function
+                        ``view.cls_key`` (d,) for [CLS]
+``projector``           ``view.vision_hidden`` plus ``view.project``, the projector   projector pre-hook
+                        as an fp32 function of ``(m, Dv)`` inputs
+``grid``                ``(h, w)`` token grid of the image                            adapter geometry
+======================  ==========================================================  ===============================
+
+``view.text`` is a :class:`TokenView` of the text tokens that follow the image in the prompt (to its end), carrying
+the token-wise signals above (``hidden``, ``normed_hidden``, ``embeddings``, ``llm_keys``) that were requested.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-SIGNALS = ("features", "cls_attention", "llm_attention", "grid")
+SIGNALS = (
+    "features",
+    "cls_attention",
+    "llm_attention",
+    "incoming_attention",
+    "text_attention",
+    "llm_keys",
+    "hidden",
+    "normed_hidden",
+    "embeddings",
+    "vision_hidden",
+    "vision_keys",
+    "projector",
+    "grid",
+)
+LAYERED = ("cls_attention", "llm_attention", "text_attention", "llm_keys")  # keyed by a layer
+VISION = ("features", "cls_attention", "vision_hidden", "vision_keys", "projector")  # captured in the vision forward
+TOKENWISE = ("hidden", "normed_hidden", "embeddings", "llm_keys")  # also given for the text after the image
 
 
 @dataclass(frozen=True)
 class SignalRequest:
-    """A signal a selector needs; ``layer`` is a vision layer (``cls_attention``) or decoder layer
-    (``llm_attention``); ``None`` means the adapter's default (the vision feature layer)."""
+    """A signal a selector needs; ``layer`` is a vision layer (``cls_attention``) or decoder layer (the other
+    layered signals); ``None`` means the adapter's default (the vision feature layer)."""
 
     name: str
     layer: int | None = None
@@ -45,7 +81,9 @@ class TokenView:
         ``(h, w)`` of the image's full token grid, ``None`` when the tokens do not form a grid.
     image : int
         Ordinal of the image within its sample (0 for the first image of the prompt).
-    features, cls_attention, llm_attention
+    text : TokenView or None
+        The text after the image (see the module docstring), when a token-wise signal was requested.
+    others
         See the module docstring; present only when requested.
     """
 
@@ -55,6 +93,18 @@ class TokenView:
     features: torch.Tensor | None = None
     cls_attention: dict[int, torch.Tensor] = field(default_factory=dict)
     llm_attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    incoming_attention: torch.Tensor | None = None
+    text_attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    llm_keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None
+    normed_hidden: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+    vision_hidden: torch.Tensor | None = None
+    cls_hidden: torch.Tensor | None = None
+    vision_keys: torch.Tensor | None = None
+    cls_key: torch.Tensor | None = None
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
+    text: TokenView | None = None
 
     @property
     def n(self) -> int:

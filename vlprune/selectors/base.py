@@ -1,4 +1,5 @@
-"""Base class of selectors: pure functions from one image's signals to the indices of the tokens kept."""
+"""Base class of selectors: pure functions from one image's signals to the tokens kept (and, for merging methods,
+what each kept token becomes)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,59 @@ from ..signals import SignalRequest, TokenView
 
 
 @dataclass
+class Selection:
+    """A selector's decision for one image when it merges (plain pruning may return just ``keep``).
+
+    Output token ``i`` occupies the slot (and position) of candidate ``keep[i]``; its value is
+    ``sum(weight[j] * source[j] for j with into[j] == i)``. The sources are the view's candidates, in order; for
+    selectors acting before the projector (``space = "vision"``) on a tower with [CLS], the [CLS] state is one more
+    source at index ``n``.
+
+    Attributes
+    ----------
+    keep : LongTensor (k,)
+        Distinct candidate indices whose slots survive, in output order.
+    into : LongTensor (sources,) or None
+        Output index each source contributes to, ``-1`` for none. ``None``: output ``i`` is candidate ``keep[i]``.
+    weight : Tensor (sources,) or None
+        Weight of each source in its output.
+    """
+
+    keep: torch.Tensor
+    into: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+
+    @staticmethod
+    def pruned(keep: torch.Tensor) -> Selection:
+        return Selection(torch.as_tensor(keep).long())
+
+    def apply(self, sources: torch.Tensor) -> torch.Tensor:
+        """The ``(k, D)`` output tokens from ``sources`` (S, D), accumulated in fp32."""
+        if self.into is None:
+            return sources[self.keep.to(sources.device)]
+        into = self.into.to(sources.device)
+        used = into >= 0
+        out = torch.zeros(self.keep.numel(), sources.shape[-1], device=sources.device, dtype=torch.float32)
+        weight = self.weight.to(device=sources.device, dtype=torch.float32)[used, None]
+        out.index_add_(0, into[used], sources[used].float() * weight)
+        return out.to(sources.dtype)
+
+
+@dataclass
 class Selector:
     """A pruning method's decision rule. Subclasses are dataclasses whose fields are the hyper-parameters.
 
     A selector never touches modules, caches, masks or positions: it receives a :class:`TokenView` per image and
-    returns which of its ``view.n`` candidate tokens to keep.
+    returns which of its ``view.n`` candidate tokens to keep (a LongTensor), or a :class:`Selection` when it merges.
+
+    Class attributes: ``space`` is ``"llm"`` (acts on decoder hidden states at its layer) or ``"vision"`` (acts on
+    the projector's input, so only before the LLM, ``layer=0``); ``merges`` says whether it can return merges.
     """
 
     name: ClassVar[str] = ""
     default_layer: ClassVar[int] = 0
+    space: ClassVar[str] = "llm"
+    merges: ClassVar[bool] = False
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
 
@@ -28,8 +73,9 @@ class Selector:
         vision tower has ``vision_depth`` layers. Raise ``ValueError`` for a layer the method cannot use."""
         return []
 
-    def select(self, view: TokenView, keep: int) -> torch.Tensor:
-        """Return ``keep`` distinct indices into ``0..view.n-1`` (any order; the core sorts them)."""
+    def select(self, view: TokenView, keep: int) -> torch.Tensor | Selection:
+        """Return ``keep`` distinct indices into ``0..view.n-1`` (any order; the core sorts them), or a
+        :class:`Selection` with ``keep`` outputs."""
         raise NotImplementedError
 
 
@@ -37,3 +83,9 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest scores, ties broken towards the lower index (deterministic)."""
     order = torch.sort(scores.float(), descending=True, stable=True).indices
     return order[:k]
+
+
+def only_layer0(method: str, layer: int) -> None:
+    """Raise for a method that acts before the projector but was given an in-LLM layer."""
+    if layer != 0:
+        raise ValueError(f"{method} acts on the vision tower's output, before the LLM: layer must be 0, got {layer}")
