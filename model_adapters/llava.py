@@ -3,9 +3,10 @@ tower without one such as SigLIP) -> projector -> image placeholders scattered i
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from ..attention import PREFIX, SUPPORTED_BASES
 from ..hooks import HookSet
@@ -92,9 +93,13 @@ class LlavaAdapter(Adapter):
         if "features" in names:
             hooks.post(self.projector, lambda module, args, kwargs, out: store.__setitem__("features", out.detach()))
         if names & {"vision_hidden", "projector"}:
-            hooks.pre(self.projector, lambda module, args: store.__setitem__("vision_hidden", args[0].detach()))
-        if "projector" in names:
-            store["project"] = self.project_fp32
+
+            def capture(module, args, kwargs):
+                store["vision_hidden"] = args[0].detach()
+                if "projector" in names:
+                    store["project"] = self.projector_fp32()
+
+            hooks.pre(self.projector, capture)
         feature_layer = self.vision_layer(None) if names & {"vision_hidden", "vision_keys"} else None
         if "vision_hidden" in names and self.has_cls:
             hooks.post(
@@ -113,10 +118,13 @@ class LlavaAdapter(Adapter):
             scorer = self.vision_scorer(store, keys, drop_cls, want_keys)
             self.inject_scorer(hooks, self.vision_tower.encoder.layers[layer].self_attn, scorer)
 
-    def project_fp32(self, x: torch.Tensor) -> torch.Tensor:
-        """The projector applied in fp32 to ``(m, Dv)`` inputs, without changing the model's own parameters."""
-        params = {name: p.float() for name, p in self.projector.named_parameters()}
-        return functional_call(self.projector, params, (x.float(),))
+    def projector_fp32(self):
+        """The projector as an fp32 function of ``(m, Dv)`` inputs: its own ``forward`` (no hooks) when it is fp32,
+        else that of an fp32 copy; the model's parameters are never changed."""
+        module = self.projector
+        if any(p.dtype != torch.float32 for p in module.parameters()):
+            module = copy.deepcopy(module).float()
+        return lambda x: module.forward(x.float())
 
     def install_projector_stage(self, hooks: HookSet, stage) -> None:
-        hooks.pre(self.projector, lambda module, args: (stage(args[0]), *args[1:]))
+        hooks.pre(self.projector, lambda module, args, kwargs: ((stage(args[0]), *args[1:]), kwargs))

@@ -28,8 +28,7 @@ from .config import PruneConfig, Stage, load_config, preset_names
 from .hooks import HookSet
 from .plan import KeepPlan
 from .registry import adapter_class, list_methods
-from .schedule import ResolvedStage, StageInputs, decide, resolve
-from .selectors.base import Selection
+from .schedule import ResolvedStage, StageInputs, check_selection, decide, resolve
 from .signals import VISION, TokenView
 
 logger = logging.getLogger(__name__)
@@ -286,9 +285,8 @@ class Pruned:
 
     def _vision_stage(self, x: torch.Tensor) -> torch.Tensor:
         """Projector pre-hook of a vision-space first stage: decide per image and write the outputs of merging
-        selectors into the projector's input (the dropped slots are removed before decoder layer 0)."""
-        if not self._in_prefill:
-            return x
+        selectors into the projector's input (the dropped slots are removed before decoder layer 0). It runs on every
+        projector call: ``generate`` encodes the images before the first forward (``mm_encoder_outputs``)."""
         rs = self._stages[min(self._stages)]
         store, wanted = self._vision, {(r.name, r.layer) for r in rs.requests}
         decided, out = [], x.clone()
@@ -303,9 +301,11 @@ class Pruned:
             for key, scores in store.get("cls_attention", {}).items():
                 if ("cls_attention", key) in wanted:
                     view.cls_attention[key] = scores[image]
-            chosen = rs.selector.select(view, rs.stage.budget(n))
-            selection = chosen if isinstance(chosen, Selection) else Selection.pruned(chosen)
+            budget = rs.stage.budget(n)
             sources = x[image] if view.cls_hidden is None else torch.cat([x[image], view.cls_hidden[None]])
+            chosen = rs.selector.select(view, budget)
+            k = min(rs.selector.count(view, budget), n)
+            selection = check_selection(rs.stage.method, chosen, n, sources.shape[0], k)
             decided.append(selection)
             out[image, selection.keep.to(x.device)] = selection.apply(sources)
         store["decided"] = decided
@@ -339,7 +339,7 @@ class Pruned:
             call.segment = compaction.initial_segment(
                 hidden, call.attention_mask, kwargs.get("position_ids"), kwargs["position_embeddings"]
             )
-        required = {r.name for r in stage.requests} & set(VISION)
+        required = {"vision_hidden" if r.name == "projector" else r.name for r in stage.requests} & set(VISION)
         if stage.selector.space == "vision":
             required = {"decided"}
         self.adapter.check_vision(self._vision, call.layouts, required)

@@ -61,7 +61,7 @@ def resolve(config: PruneConfig, adapter) -> list[ResolvedStage]:
     return resolved
 
 
-def _check_selection(method: str, chosen, n: int, sources: int, k: int) -> Selection:
+def check_selection(method: str, chosen, n: int, sources: int, k: int) -> Selection:
     selection = chosen if isinstance(chosen, Selection) else Selection.pruned(chosen)
     keep = torch.as_tensor(selection.keep).reshape(-1).long().cpu()
     if keep.numel() != k or (keep.numel() and (keep.min() < 0 or keep.max() >= n)):
@@ -112,10 +112,14 @@ def _view(rs: ResolvedStage, inputs: StageInputs, layout, b: int, j: int, slots,
     vision, row = inputs.vision, inputs.rows[b].cpu()
     view = TokenView(index=local, grid=layout.grids[j], image=j)
     if ("features", None) in wanted:
-        view.features = vision["features"][image][local.to(vision["features"].device)]
+        view.all_features = vision["features"][image]
+        view.features = view.all_features[local.to(view.all_features.device)]
     for key, scores in vision.get("cls_attention", {}).items():
         if ("cls_attention", key) in wanted:
             view.cls_attention[key] = scores[image][local.to(scores.device)]
+    if wanted & {("vision_hidden", None), ("projector", None)}:
+        view.vision_hidden = vision["vision_hidden"][image][local.to(vision["vision_hidden"].device)]
+        view.project = vision.get("project")
     for key, scores in inputs.llm.items():
         if ("llm_attention", key) in wanted:
             view.llm_attention[key] = scores[b][slots.to(scores.device)]
@@ -124,7 +128,7 @@ def _view(rs: ResolvedStage, inputs: StageInputs, layout, b: int, j: int, slots,
     for key, per_sample in inputs.text_attention.items():
         if ("text_attention", key) in wanted:
             queries, scores = per_sample[b]
-            after = queries > slots.max()
+            after = queries > row[slots].max()
             view.text_attention[key] = scores[after.to(scores.device)][:, slots.to(scores.device)]
     _tokenwise(view, inputs, b, slots, row[slots], wanted)
     if any(name in TOKENWISE for name, _ in wanted):
@@ -166,12 +170,14 @@ def decide(rs: ResolvedStage, inputs: StageInputs, layouts: list[SampleLayout]):
             k = rs.stage.budget(int(slots.numel()))
             if decided is not None:
                 chosen = decided[image]
+                k = int(chosen.keep.numel())
                 sources = int(chosen.into.numel()) if chosen.into is not None else slots.numel()
             else:
                 text_slots = torch.nonzero(text & (torch.arange(row.numel()) > slots.max())).flatten()
                 view = _view(rs, inputs, layout, b, j, slots, local, text_slots, wanted)
                 chosen, sources = rs.selector.select(view, k), view.n
-            selection = _check_selection(rs.stage.method, chosen, slots.numel(), sources, k)
+                k = min(rs.selector.count(view, k), view.n)
+            selection = check_selection(rs.stage.method, chosen, slots.numel(), sources, k)
             kept.append(slots[selection.keep])
             ordinals = slot_ordinal[slots]
             if selection.into is None:

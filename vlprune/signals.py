@@ -81,6 +81,9 @@ class TokenView:
         ``(h, w)`` of the image's full token grid, ``None`` when the tokens do not form a grid.
     image : int
         Ordinal of the image within its sample (0 for the first image of the prompt).
+    all_features : Tensor (N, D) or None
+        With ``features``: the projected tokens of the whole image (all ``N``, raster order), for methods that
+        compare against the unpruned image (SparseVLM's rater choice).
     text : TokenView or None
         The text after the image (see the module docstring), when a token-wise signal was requested.
     others
@@ -91,6 +94,7 @@ class TokenView:
     grid: tuple[int, int] | None
     image: int
     features: torch.Tensor | None = None
+    all_features: torch.Tensor | None = None
     cls_attention: dict[int, torch.Tensor] = field(default_factory=dict)
     llm_attention: dict[int, torch.Tensor] = field(default_factory=dict)
     incoming_attention: torch.Tensor | None = None

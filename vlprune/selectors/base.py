@@ -73,9 +73,15 @@ class Selector:
         vision tower has ``vision_depth`` layers. Raise ``ValueError`` for a layer the method cannot use."""
         return []
 
+    def count(self, view: TokenView, keep: int) -> int:
+        """Tokens :meth:`select` outputs for a budget of ``keep`` (capped at ``view.n`` by the core). Exactly
+        ``keep`` unless a method's option reproduces a paper's own counting (such as DART's ``exact=False``)."""
+        return keep
+
     def select(self, view: TokenView, keep: int) -> torch.Tensor | Selection:
-        """Return ``keep`` distinct indices into ``0..view.n-1`` (any order; the core sorts them), or a
-        :class:`Selection` with ``keep`` outputs."""
+        """Return ``min(count(view, keep), view.n)`` distinct indices into ``0..view.n-1`` (any order; the core
+        sorts them), or a :class:`Selection` with that many outputs. ``keep`` is the stage's budget for the image
+        (already capped at ``view.n``)."""
         raise NotImplementedError
 
 
