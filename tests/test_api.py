@@ -29,7 +29,7 @@ def logits(model, x):
 
 
 BAD = [
-    (("nope",), {"keep": 4}, ValueError, r"unknown method 'nope'; available methods: \['divprune', 'fastervlm'"),
+    (("nope",), {"keep": 4}, ValueError, r"unknown method 'nope'; available methods: \['dart', 'divprune'"),
     (("fastv",), {"keep": 0}, ValueError, "keep must be >= 1"),
     (("fastv",), {"keep": 2.5}, TypeError, "keep must be an int"),
     (("fastv",), {"ratio": 0.0}, ValueError, r"ratio must be in \(0, 1\]"),
@@ -176,7 +176,10 @@ def test_presets_and_yaml(model, tmp_path):
 
 
 def test_registries():
-    assert vlprune.list_methods() == ["divprune", "fastervlm", "fastv", "random", "uniform", "vtc_cls"]
+    assert vlprune.list_methods() == [
+        "dart", "divprune", "fastervlm", "fastv", "pdrop", "pool", "random", "sparsevlm", "uniform", "visionzip",
+        "vtc_cls", "zoo",
+    ]  # fmt: skip
     assert vlprune.list_models() == ["llava"]
     with pytest.raises(ValueError, match="lower snake case"):
         vlprune.register_selector("Bad-Name")
