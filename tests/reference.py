@@ -40,17 +40,41 @@ def gather(keep: list[torch.Tensor], *tensors: torch.Tensor):
     return out, valid
 
 
-def layer_loop(model, embeds, mask, positions, stages: list[tuple[int, list[torch.Tensor]]], renumber=False):
-    """Logits of a hand-written decoder loop. ``stages`` lists ``(layer, keep_tokens)``: from ``layer`` on, only the
-    input tokens in ``keep_tokens[b]`` (indices into the input sequence) go on."""
+def merges_of(plan: vlprune.KeepPlan, ids: torch.Tensor, image_token: int = 100) -> list[list[tuple]] | None:
+    """Per sample, ``(target_row, [(source_row, weight), ...])`` for every kept token of an LLM-space merging plan,
+    in input-sequence rows (``None`` for plain pruning or vision-space plans)."""
+    if plan.space != "llm" or not plan.merges:
+        return None
+    out = []
+    for b, (into, weight) in enumerate(zip(plan.merged_into, plan.merge_weight, strict=True)):
+        visual = torch.nonzero(ids[b] == image_token).flatten()
+        groups: dict[int, list] = {}
+        for v in torch.nonzero(into >= 0).flatten().tolist():
+            groups.setdefault(int(visual[into[v]]), []).append((int(visual[v]), float(weight[v])))
+        out.append(sorted(groups.items()))
+    return out
+
+
+def layer_loop(model, embeds, mask, positions, stages: list[tuple], renumber=False):
+    """Logits of a hand-written decoder loop. ``stages`` lists ``(layer, keep_tokens)`` or ``(layer, keep_tokens,
+    merges)``: from ``layer`` on, only the input tokens in ``keep_tokens[b]`` (indices into the input sequence) go
+    on; with ``merges`` (see :func:`merges_of`), each target becomes the weighted sum of its sources first."""
     lm = model.model.language_model
     config = model.config.text_config
     h, pos, m = embeds, positions, mask.bool()
     rows = torch.arange(h.shape[1]).expand(h.shape[0], -1)
-    cuts = dict(stages)
+    cuts = {stage[0]: stage[1:] for stage in stages}
     for i, block in enumerate(lm.layers):
         if i in cuts:
-            slots = [torch.nonzero(torch.isin(rows[b], keep)).flatten() for b, keep in enumerate(cuts[i])]
+            keep, merges = cuts[i][0], (cuts[i][1] if len(cuts[i]) > 1 else None)
+            if merges is not None:
+                h = h.clone()
+                for b, groups in enumerate(merges):
+                    slot = {int(r): s for s, r in enumerate(rows[b].tolist()) if r >= 0}
+                    old = h[b].clone()
+                    for target, sources in groups:
+                        h[b, slot[target]] = sum(w * old[slot[src]] for src, w in sources)
+            slots = [torch.nonzero(torch.isin(rows[b], k)).flatten() for b, k in enumerate(keep)]
             (h, pos, m, rows), valid = gather(slots, h, pos, m, rows)
             m = m & valid
             rows = rows.masked_fill(~valid, -1)
@@ -64,16 +88,19 @@ def layer_loop(model, embeds, mask, positions, stages: list[tuple[int, list[torc
     return model.lm_head(lm.norm(h))
 
 
-def greedy(model, ids, mask, pixel_values, plans: list[vlprune.KeepPlan], steps: int, renumber=False, eos=2, pad=0):
-    """Manual greedy decoding without a cache: each step recomputes everything with the prefill's fixed plans."""
-    prompt = embed(model, ids, pixel_values)
+def greedy(
+    model, ids, mask, pixel_values, plans: list[vlprune.KeepPlan], steps: int, renumber=False, eos=2, pad=0, embeds=None
+):
+    """Manual greedy decoding without a cache: each step recomputes everything with the prefill's fixed plans (and
+    their merges). ``embeds`` replaces the prompt's input embeddings (for vision-space merges)."""
+    prompt = embed(model, ids, pixel_values) if embeds is None else embeds
     b, length = ids.shape
     new = torch.zeros(b, 0, dtype=torch.long)
     for _ in range(steps):
         embeds = torch.cat([prompt, model.model.get_input_embeddings()(new)], 1)
         full_mask = torch.cat([mask.bool(), torch.ones_like(new, dtype=torch.bool)], 1)
         tail = torch.arange(length, length + new.shape[1])
-        stages = [(p.layer, [torch.cat([k, tail]) for k in p.keep_tokens]) for p in plans]
+        stages = [(p.layer, [torch.cat([k, tail]) for k in p.keep_tokens], merges_of(p, ids)) for p in plans]
         logits = layer_loop(model, embeds, full_mask, original_positions(full_mask), stages, renumber)
         new = torch.cat([new, logits[:, -1].argmax(-1, keepdim=True)], 1)
     # like generate: a sequence that produced EOS continues with padding

@@ -9,8 +9,11 @@ VOCAB, IMAGE, PAD = 128, 100, 0
 SIDE = 56  # 56 px / 14 px patches -> 4 x 4 = 16 visual tokens per image
 
 
-def tiny_llava(attn: str = "sdpa", vision: str = "clip", layers: int = 4, seed: int = 0):
-    """A random LLaVA (CLIP or SigLIP tower, Llama decoder) with 16 visual tokens per image."""
+def tiny_llava(
+    attn: str = "sdpa", vision: str = "clip", layers: int = 4, seed: int = 0, side: int = SIDE, vision_layers: int = 3
+):
+    """A random LLaVA (CLIP or SigLIP tower, Llama decoder) with ``(side / 14) ** 2`` visual tokens per image (16 by
+    default; ``side=336, vision_layers=24, layers=32`` has LLaVA-1.5's token count and depths at tiny widths)."""
     torch.manual_seed(seed)
     text = LlamaConfig(
         vocab_size=VOCAB,
@@ -25,7 +28,12 @@ def tiny_llava(attn: str = "sdpa", vision: str = "clip", layers: int = 4, seed: 
         eos_token_id=2,
     )
     sizes = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=SIDE, patch_size=14
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=side,
+        patch_size=14,
     )
     vision_config = CLIPVisionConfig(**sizes, projection_dim=32) if vision == "clip" else SiglipVisionConfig(**sizes)
     strategy = "default" if vision == "clip" else "full"
@@ -60,9 +68,9 @@ def prompt(model, before: int, after: int, images: int = 1, seed: int = 0) -> li
     return ids
 
 
-def pixels(images: int, seed: int = 0) -> torch.Tensor:
+def pixels(images: int, seed: int = 0, side: int = SIDE) -> torch.Tensor:
     g = torch.Generator().manual_seed(1000 + seed)
-    return torch.randn(images, 3, SIDE, SIDE, generator=g)
+    return torch.randn(images, 3, side, side, generator=g)
 
 
 def batch(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
