@@ -9,7 +9,7 @@ from vlprune.selectors.divprune import max_min_greedy
 from vlprune.selectors.uniform import lattice
 from vlprune.signals import TokenView
 
-from reference import original_positions
+from reference import embed, original_positions
 from tiny import batch, pixels, prompt
 
 
@@ -157,3 +157,237 @@ def test_a_stage_sees_only_the_signals_it_requested():
     inputs = StageInputs(rows=rows, vision={}, llm=llm)
     assert decide(first, inputs, [layout])[2].keep_visual[0].tolist() == [0, 1]  # layer 1's scores
     assert decide(second, inputs, [layout])[2].keep_visual[0].tolist() == [3]  # layer 3's scores
+
+
+# --- pool -----------------------------------------------------------------------------------------------------------
+def test_pooled_grid_and_bands_are_hand_computed():
+    from vlprune.selectors.pool import bands, pooled_grid
+
+    assert pooled_grid(24, 24, 64) == (8, 8) and pooled_grid(24, 24, 144) == (12, 12)
+    assert pooled_grid(24, 24, 192) == (12, 16)  # 12x16 and 16x12 distort equally; the first wins
+    assert pooled_grid(4, 4, 5) == (2, 3)  # no fitting factor pair of 5: the smallest grid with >= 5 cells
+    assert bands(24, 8) == [(i * 3, i * 3 + 3) for i in range(8)]
+    assert bands(5, 2) == [(0, 2), (2, 5)]
+
+
+def test_pool_equals_avg_pool2d_end_to_end(llava):
+    ids, mask = batch([prompt(llava, 3, 4, images=1)])
+    pv = pixels(1)
+    captured = []
+    with vlprune.wrap(llava, "pool", keep=4) as pruned, torch.no_grad():
+        handle = llava.model.language_model.layers[0].register_forward_pre_hook(  # runs after vlprune's own
+            lambda module, args, kwargs: captured.append(kwargs.get("hidden_states", args[0] if args else None)),
+            with_kwargs=True,
+        )
+        llava(input_ids=ids, attention_mask=mask, pixel_values=pv)
+        handle.remove()
+    with torch.no_grad():
+        visual = embed(llava, ids, pv)[0, ids[0] == 100]  # (16, D), raster order of the 4x4 grid
+    grid = visual.T.reshape(1, -1, 4, 4)
+    expected = torch.nn.functional.avg_pool2d(grid, 2).reshape(visual.shape[1], 4).T  # 4 cells, raster order
+    plan = pruned.plans[0]
+    assert plan.keep_visual[0].tolist() == [0, 2, 8, 10]  # each 2x2 window's centre (upper-left of the middle)
+    assert plan.merged_into[0].tolist() == [0, 0, 2, 2, 0, 0, 2, 2, 8, 8, 10, 10, 8, 8, 10, 10]
+    assert torch.equal(plan.merge_weight[0], torch.full((16,), 0.25))
+    first = int((ids[0] == 100).nonzero()[0])  # text before the image; no padding in a single prompt
+    torch.testing.assert_close(captured[0][0, first : first + 4], expected, rtol=1e-6, atol=1e-6)
+
+
+# --- dart -----------------------------------------------------------------------------------------------------------
+def test_dart_pivots_and_duplicates_are_hand_computed():
+    from vlprune.selectors.dart import dart_pick
+
+    # 6 visual tokens; keys give token 4 the largest L1 norm (image pivot), text token 1 the text pivot.
+    keys = torch.tensor([[1.0], [2.0], [0.5], [1.5], [9.0], [0.1]])
+    text_keys = torch.tensor([[1.0], [-5.0]])
+    e = torch.eye(3)
+    hidden = torch.stack([e[0], e[0] + 0.1 * e[1], e[1], e[2], e[0], e[0] + e[2]])
+    text_hidden = torch.stack([e[1], e[1]])
+    # pivot 4 (= e0): least similar non-pivots are 2 (e1, cos 0) and 3 (e2, cos 0), ties to the lower index -> 2;
+    # then text pivot (e1): among {0, 1, 3, 5}, lowest cosine to e1 is 0 (0) or 3 (0) or 5 (0) -> 0.
+    chosen = dart_pick(hidden, keys, text_hidden, text_keys, image_pivots=1, text_pivots=1, per_pivot=[1, 1])
+    assert chosen.tolist() == [4, 2, 0]
+    chosen = dart_pick(hidden, keys, text_hidden, text_keys, image_pivots=1, text_pivots=1, per_pivot=[2, 1])
+    assert chosen.tolist() == [4, 2, 3, 0]
+
+
+def test_dart_counts_exact_and_as_the_paper():
+    text = TokenView(index=torch.arange(5), grid=None, image=0)
+    v = view(576, (24, 24), text=text)
+    assert vlprune.create_selector("dart").count(v, 128) == 128
+    assert vlprune.create_selector("dart", exact=False).count(v, 128) == 132
+    assert vlprune.create_selector("dart", exact=False).count(v, 64) == 68
+    assert vlprune.create_selector("dart", exact=False).count(v, 192) == 196
+
+
+def test_dart_keys_and_norm_match_eager_layer_k_minus_1(llava_eager):
+    from vlprune.selectors.dart import dart_pick
+
+    model = llava_eager
+    ids, mask = batch([prompt(model, 3, 6, images=1)])
+    pv = pixels(1)
+    captured = {}
+    attention = model.model.language_model.layers[1].self_attn
+    handle = attention.k_proj.register_forward_hook(lambda m, a, out: captured.setdefault("k", out))
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pv, output_hidden_states=True)
+    handle.remove()
+    lm = model.model.language_model
+    hidden = out.hidden_states[2][0]  # output of layer 1 = input of layer 2
+    normed = lm.norm(hidden)
+    # post-RoPE keys of layer 1, repeated to the 4 query heads, flattened
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    positions = torch.arange(ids.shape[1])[None]
+    cos, sin = lm.rotary_emb(hidden[None], position_ids=positions)
+    k = captured["k"].view(1, -1, 2, 8).transpose(1, 2)
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    keys = k.repeat_interleave(2, dim=1).transpose(1, 2).reshape(ids.shape[1], -1)
+    visual = (ids[0] == 100).nonzero().flatten()
+    after = torch.arange(visual[-1] + 1, ids.shape[1])
+    expected = dart_pick(normed[visual], keys[visual], normed[after], keys[after], 4, 4, [1] * 8)
+    with vlprune.wrap(model, "dart", keep=12) as pruned, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, pixel_values=pv)
+    assert pruned.plans[0].keep_visual[0].tolist() == sorted(expected.tolist())
+
+
+# --- pdrop ----------------------------------------------------------------------------------------------------------
+def test_pdrop_scores_are_layer_l_attention_of_the_last_token(llava_eager):
+    model = llava_eager
+    ids, mask = batch([prompt(model, 3, 5, images=1)])
+    pv = pixels(1)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pv, output_attentions=True)
+    visual = (ids[0] == 100).nonzero().flatten()
+    scores = out.attentions[2][0, :, -1].mean(0)[visual]  # layer 2 itself, as computed from its own input
+    expected = sorted(top_k(scores, 5).tolist())
+    with vlprune.wrap(model, "pdrop", keep=5, layer=2) as pruned, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, pixel_values=pv)
+    assert pruned.plans[0].keep_visual[0].tolist() == expected
+
+
+# --- zoo ------------------------------------------------------------------------------------------------------------
+def test_zoo_sensitivity_of_a_linear_projector_is_analytic():
+    from vlprune.selectors.zoo import sensitivity
+
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
+    x = torch.randn(5, 8)
+    s = sensitivity(x, lambda v: 3.0 * v @ q.T, directions=16, step=0.01, seed=1)  # ||3 Q u|| = 3 for unit u
+    torch.testing.assert_close(s, torch.full((5,), 3.0), rtol=1e-4, atol=1e-4)
+    # elementwise square: the central difference is exact, 2 x * u; constant rows a give ||2 a u|| = 2 |a|
+    rows = torch.tensor([0.5, -2.0, 1.0])[:, None].expand(3, 8)
+    s = sensitivity(rows, lambda v: v * v, directions=8, step=0.01, seed=0)
+    torch.testing.assert_close(s, torch.tensor([1.0, 4.0, 2.0]), rtol=1e-4, atol=1e-4)
+
+
+def test_zoo_greedy_is_hand_computed():
+    from vlprune.selectors.zoo import sensitivity_diversity_greedy
+
+    scores = torch.tensor([1.0, 3.0, 2.9, 2.0])  # normalised: 0, 1, 0.95, 0.5
+    e = torch.eye(2)
+    features = torch.stack([e[1], e[0], e[0], e[1]])
+    # first the most sensitive (1); then 2 has cos 1 to it -> gain 0; 3 is orthogonal -> gain 0.5; 0 -> 0
+    assert sensitivity_diversity_greedy(scores, features, 2).tolist() == [1, 3]
+
+
+# --- visionzip ------------------------------------------------------------------------------------------------------
+def test_visionzip_merge_arithmetic_is_hand_computed():
+    from vlprune.selectors.visionzip import split_budget
+
+    assert [split_budget(k, None, None) for k in (192, 128, 64)] == [(162, 30), (108, 20), (54, 10)]
+    n = 8
+    attention = torch.tensor([0.0, 9.0, 0.0, 0.0, 8.0, 0.0, 0.0, 0.0])  # patches 1 and 4 dominate
+    e = torch.eye(2)
+    # remaining patches 0, 2, 3, 5, 6, 7; 2 contextual targets at stride 3: patches 0 and 5
+    keys = torch.stack([e[0], e[0], e[0], e[1], e[0], e[1], e[0], e[1]])
+    hidden = torch.arange(n, dtype=torch.float32)[:, None] * torch.tensor([[1.0, 10.0]])
+    cls = torch.tensor([100.0, 100.0])
+    v = view(n, None, cls_attention={None: attention}, vision_keys=keys, vision_hidden=hidden, cls_hidden=cls)
+    selection = vlprune.create_selector("visionzip", dominant=3, contextual=2).select(v, 5)
+    outputs = selection.apply(torch.cat([hidden, cls[None]]))
+    # [CLS], patch 1, patch 4, target 0 + mean(2, 6) (keys e0), target 5 + mean(3, 7) (keys e1)
+    expected = torch.stack([cls, hidden[1], hidden[4], hidden[0] + (hidden[2] + hidden[6]) / 2,
+                            hidden[5] + (hidden[3] + hidden[7]) / 2])  # fmt: skip
+    assert selection.keep.tolist() == [0, 1, 2, 3, 4]
+    torch.testing.assert_close(outputs, expected)
+
+
+def test_visionzip_end_to_end_matches_eager_tower_outputs(llava_eager):
+    model = llava_eager
+    ids, mask = batch([prompt(model, 2, 3, images=1)])
+    pv = pixels(1)
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        out = tower(pv, output_hidden_states=True, output_attentions=True)
+        layer = tower.vision_model.encoder.layers[1] if hasattr(tower, "vision_model") else tower.encoder.layers[1]
+        feature = out.hidden_states[-2][0]  # (17, 32): [CLS] + 16 patches, output of layer 1
+        keys = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[1][0])).view(17, 4, 8).mean(1)
+        attention = out.attentions[1][0, :, 0, 1:].mean(0)
+        v = view(16, (4, 4), cls_attention={None: attention}, vision_keys=keys[1:], vision_hidden=feature[1:],
+                 cls_hidden=feature[0])  # fmt: skip
+        selection = vlprune.create_selector("visionzip").select(v, 6)
+        merged = selection.apply(torch.cat([feature[1:], feature[:1]]))
+        expected = model.model.multi_modal_projector(merged)
+    with vlprune.wrap(model, "visionzip", keep=6) as pruned, torch.no_grad():
+        captured = {}
+        handle = model.model.language_model.register_forward_pre_hook(
+            lambda m, a, kw: captured.update(e=kw["inputs_embeds"]), with_kwargs=True
+        )
+        model(input_ids=ids, attention_mask=mask, pixel_values=pv)
+        handle.remove()
+    visual = (ids[0] == 100).nonzero().flatten()
+    torch.testing.assert_close(captured["e"][0, visual[:6]], expected, rtol=1e-5, atol=1e-5)
+    assert pruned.plans[0].keep_visual[0].tolist() == list(range(6)) and pruned.plans[0].space == "vision"
+
+
+# --- sparsevlm ------------------------------------------------------------------------------------------------------
+def test_sparsevlm_rater_choice_and_recycling_counts_are_hand_computed():
+    from vlprune.selectors.sparsevlm import choose_raters, dpc_knn, recycled_counts
+
+    visual = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    text = torch.tensor([[3.0, 0.0], [0.0, 1.0], [3.0, 0.0]])  # softmax over text: 0.488, 0.024, 0.488 > 1/3
+    m = torch.softmax(torch.tensor([3.0, 0.0, 3.0]), 0)
+    assert choose_raters(visual, text).tolist() == torch.nonzero(m > m.mean()).flatten().tolist() == [0, 2]
+    assert recycled_counts(276, 0.3) == (83, 9)  # 576 -> 300: int(82.8) + 1 recycled, int(8.3) + 1 clusters
+    assert recycled_counts(0, 0.3) == (0, 0) and recycled_counts(3, 0.3) == (1, 1)
+    selector = vlprune.create_selector("sparsevlm")
+    kept, recycled, clusters = selector.split(576, 192)
+    assert kept + clusters == 192 and (recycled, clusters) == recycled_counts(576 - kept, 0.3)
+    assert vlprune.create_selector("sparsevlm", exact=False).split(576, 300) == (300, 83, 9)
+    # two tight, far-apart groups: each group's densest point is a centre, and every point joins its own group
+    x = torch.tensor([0.0, 0.01, 0.03, 0.06, 10.0, 10.02, 10.05])[:, None]
+    centres, assignment = dpc_knn(x, 2, k=3)
+    assert sorted(centres.tolist()) == [1, 5]
+    assert assignment[centres].tolist() == [0, 1]
+    assert len(set(assignment[:4].tolist())) == 1 and len(set(assignment[4:].tolist())) == 1
+    assert assignment[0] != assignment[4]
+
+
+def test_sparsevlm_scores_and_recycled_values(llava_eager):
+    model = llava_eager
+    ids, mask = batch([prompt(model, 3, 6, images=1)])
+    pv = pixels(1)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pv, output_attentions=True,
+                    output_hidden_states=True)  # fmt: skip
+    from vlprune.selectors.sparsevlm import choose_raters
+
+    visual = (ids[0] == 100).nonzero().flatten()
+    after = torch.arange(visual[-1] + 1, ids.shape[1])
+    embeds = embed(model, ids, pv)[0]
+    raters = after[choose_raters(embeds[visual], embeds[after])]
+    scores = out.attentions[1][0].mean(0)[raters][:, visual].mean(0)  # layer L-1 = 1 for a stage at layer 2
+    with vlprune.wrap(model, "sparsevlm", keep=8, layer=2) as pruned, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, pixel_values=pv)
+    plan = pruned.plans[0]
+    kept, recycled, clusters = vlprune.create_selector("sparsevlm").split(16, 8)
+    top = torch.sort(scores, descending=True, stable=True).indices
+    assert set(top[:kept].tolist()) <= set(plan.keep_visual[0].tolist())
+    into = plan.merged_into[0]
+    pool = top[kept : kept + recycled]
+    assert int((into >= 0).sum()) == kept + recycled and set(torch.nonzero(into >= 0).flatten().tolist()) == set(
+        top[: kept + recycled].tolist()
+    )
+    for target in set(into[pool].tolist()):  # each recycled token is its cluster's mean
+        members = torch.nonzero(into == target).flatten()
+        torch.testing.assert_close(plan.merge_weight[0][members], torch.full((members.numel(),), 1 / members.numel()))

@@ -21,14 +21,14 @@ def pooled_grid(h: int, w: int, k: int) -> tuple[int, int]:
     ``>= k`` (closest aspect ratio on ties)."""
     target = math.log(h / w)
 
-    def distortion(pair):
-        return abs(math.log(pair[0] / pair[1]) - target)
+    def distortion(pair):  # rounded so that mirrored pairs tie exactly; ties go to fewer rows
+        return round(abs(math.log(pair[0] / pair[1]) - target), 9), pair[0]
 
     pairs = [(gh, k // gh) for gh in range(1, min(h, k) + 1) if k % gh == 0 and k // gh <= w]
     if pairs:
         return min(pairs, key=distortion)
     fits = [(gh, gw) for gh in range(1, h + 1) for gw in range(1, w + 1) if gh * gw >= k]
-    return min(fits, key=lambda pair: (pair[0] * pair[1], distortion(pair)))
+    return min(fits, key=lambda pair: (pair[0] * pair[1], *distortion(pair)))
 
 
 def bands(size: int, parts: int) -> list[tuple[int, int]]:
