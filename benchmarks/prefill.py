@@ -22,7 +22,8 @@ import vlprune
 IMAGE = 576
 
 
-def build(args) -> LlavaForConditionalGeneration:
+def build(args, config_only: bool = False):
+    """The benchmark model (or only its ``LlavaConfig`` with ``config_only``)."""
     torch.manual_seed(0)
     text = LlamaConfig(
         vocab_size=32064,
@@ -41,7 +42,7 @@ def build(args) -> LlavaForConditionalGeneration:
         patch_size=14,
     )
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2)
-    return LlavaForConditionalGeneration(config).eval()
+    return config if config_only else LlavaForConditionalGeneration(config).eval()
 
 
 def layer_flops(tokens: int, d: int, ff: int, kv: int, mlp_matrices: int = 3) -> float:

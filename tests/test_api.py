@@ -1,11 +1,15 @@
 """wrap()/unwrap(): clear errors that leave the model untouched, no trace after unwrap, configs and presets."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vlprune
 from vlprune.model_adapters.llava import LlavaAdapter
+from vlprune.registry import selector_class
 
 from reference import state
 from tiny import batch, pixels, prompt, tiny_llava
@@ -176,10 +180,13 @@ def test_presets_and_yaml(model, tmp_path):
 
 
 def test_registries():
-    assert vlprune.list_methods() == [
-        "dart", "divprune", "fastervlm", "fastv", "pdrop", "pool", "random", "sparsevlm", "uniform", "visionzip",
-        "vtc_cls", "zoo",
-    ]  # fmt: skip
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("| method | registry name |", 1)[1].split("\n\n", 1)[0]
+    names = re.findall(r"^\| [^|]+ \| `([a-z0-9_]+)` \|", table, flags=re.M)
+    assert sorted(names) == vlprune.list_methods() and len(names) == len(set(names))
+    for name in names:  # every registered method has a docstring and a paper (or baseline) line
+        cls = selector_class(name)
+        assert cls.__doc__ and cls.summary
     assert vlprune.list_models() == ["llava"]
     with pytest.raises(ValueError, match="lower snake case"):
         vlprune.register_selector("Bad-Name")

@@ -1,0 +1,139 @@
+"""Each selector's own decision time as a fraction of the unpruned prefill of the same model, at 576 visual tokens
+(one LLaVA-1.5 image) and 6,272 (a high-resolution or multi-image prompt), and the peak memory each decision adds.
+
+    python benchmarks/selector_time.py [--hidden 1024 --layers 8 --heads 16 --vision-hidden 512 --vision-layers 6]
+                                   [--tokens 576 6272 --ratio 0.111 --text 64 --threads N]
+
+The selector sees the signals it requests at this model's widths (random values: decision cost does not depend on
+them) and keeps ``ratio`` of the tokens. "Prefill" is the decoder's forward over the visual tokens plus ``--text``
+text tokens (``logits_to_keep=1``), measured in the same process. "Peak MB" is the rise of the process's peak
+resident memory during one decision, measured in a fresh subprocess per case; quadratic memory at 6,272 tokens
+would show as ~150 MB (one fp32 N x N matrix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+sys.path.insert(0, str(Path(__file__).parent))
+from prefill import build  # noqa: E402
+
+import vlprune  # noqa: E402
+from vlprune.registry import create_selector  # noqa: E402
+from vlprune.signals import TokenView  # noqa: E402
+
+PARAMS = {"vtc_cls": {"start_layer": 2}}  # the 6-layer benchmark tower
+
+
+def make_view(config, projector, selector, n: int, text: int) -> TokenView:
+    g = torch.Generator().manual_seed(0)
+    t, v = config.text_config, config.vision_config
+    side = round(n**0.5)
+    grid = (side, side) if side * side == n else None
+    view = TokenView(index=torch.arange(n), grid=grid, image=0)
+    view.text = TokenView(index=torch.arange(text), grid=None, image=0)
+    d, dv, dk = t.hidden_size, v.hidden_size, v.hidden_size // v.num_attention_heads
+    for r in selector.requests(selector.default_layer, v.num_hidden_layers):
+        if r.name == "features":
+            view.all_features = torch.randn(n, d, generator=g)
+            view.features = view.all_features
+        elif r.name in ("cls_attention", "llm_attention"):
+            getattr(view, r.name)[r.layer] = torch.rand(n, generator=g)
+        elif r.name == "incoming_attention":
+            view.incoming_attention = torch.rand(n, generator=g)
+        elif r.name == "text_attention":
+            view.text_attention[r.layer] = torch.rand(text, n, generator=g)
+        elif r.name == "llm_keys":
+            view.llm_keys[r.layer] = torch.randn(n, d, generator=g)
+            view.text.llm_keys[r.layer] = torch.randn(text, d, generator=g)
+        elif r.name in ("hidden", "normed_hidden", "embeddings"):
+            setattr(view, r.name, torch.randn(n, d, generator=g))
+            setattr(view.text, r.name, torch.randn(text, d, generator=g))
+        elif r.name in ("vision_hidden", "projector"):
+            view.vision_hidden = torch.randn(n, dv, generator=g)
+            view.cls_hidden = torch.randn(dv, generator=g)
+            view.project = lambda x: projector.forward(x.float())
+        elif r.name == "vision_keys":
+            view.vision_keys, view.cls_key = torch.randn(n, dk, generator=g), torch.randn(dk, generator=g)
+    return view
+
+
+def one_case(args, method: str, n: int) -> None:
+    """Child process: time one decision and report the peak memory it adds."""
+    config = build(args, config_only=True)  # the child needs the widths and the projector, not the model
+    projector = LlavaMultiModalProjector(config).eval()
+    selector = create_selector(method, **PARAMS.get(method, {}))
+    view = make_view(config, projector, selector, n, args.text)
+    keep = max(1, round(args.ratio * n))
+    with torch.no_grad():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        start = time.perf_counter()
+        selector.select(view, keep)
+        elapsed = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"{elapsed:.6f} {(peak - before) / 1024:.1f}")
+
+
+def prefill_time(model, n: int, text: int, repeats: int) -> float:
+    embeds = torch.randn(1, n + text, model.config.text_config.hidden_size)
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            model.model.language_model(inputs_embeds=embeds)
+            if i:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--vision-hidden", type=int, default=512)
+    parser.add_argument("--vision-layers", type=int, default=6)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[576, 6272])
+    parser.add_argument("--ratio", type=float, default=0.111, help="fraction kept (64 of 576)")
+    parser.add_argument("--text", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--one", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.one:
+        one_case(args, args.one[0], int(args.one[1]))
+        return
+    model = build(args)
+    methods = args.methods or vlprune.list_methods()
+    forwarded = [a for a in sys.argv[1:] if a != "--methods" and a not in methods]
+    print(f"decoder {args.layers} x {args.hidden}, vision {args.vision_layers} x {args.vision_hidden}, "
+          f"keep {args.ratio:.3f} of the visual tokens, {torch.get_num_threads()} threads")  # fmt: skip
+    for n in args.tokens:
+        prefill = prefill_time(model, n, args.text, args.repeats)
+        print(f"\n{n} visual tokens: unpruned decoder prefill {prefill * 1000:.0f} ms")
+        print(f"{'method':<12}{'select ms':>11}{'of prefill':>12}{'peak MB':>10}")
+        for method in methods:
+            out = subprocess.run(
+                [sys.executable, __file__, *forwarded, "--one", method, str(n)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()
+            elapsed, peak = float(out[-2]), float(out[-1])
+            print(f"{method:<12}{elapsed * 1000:>11.1f}{elapsed / prefill:>11.1%}{peak:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
