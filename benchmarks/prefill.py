@@ -76,17 +76,22 @@ def median_time(model, inputs, repeats: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Widths and depths of the benchmark model, and the text length (shared by the benchmarks)."""
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--vision-hidden", type=int, default=512)
     parser.add_argument("--vision-layers", type=int, default=6)
     parser.add_argument("--text", type=int, default=64, help="text tokens around the image")
+    parser.add_argument("--threads", type=int, default=None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
     parser.add_argument("--keep", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -5,17 +5,16 @@
                                    [--tokens 576 6272 --ratio 0.111 --text 64 --threads N]
 
 The selector sees the signals it requests at this model's widths (random values: decision cost does not depend on
-them) and keeps ``ratio`` of the tokens. "Prefill" is the decoder's forward over the visual tokens plus ``--text``
-text tokens (``logits_to_keep=1``), measured in the same process. "Peak MB" is the rise of the process's peak
-resident memory during one decision, measured in a fresh subprocess per case; quadratic memory at 6,272 tokens
-would show as ~150 MB (one fp32 N x N matrix).
+them) and keeps ``ratio`` of the tokens. "Prefill" is the model's forward over the embeddings of the visual tokens
+plus ``--text`` text tokens (decoder only, ``logits_to_keep=1``), measured in the same process. "Peak MB" is the
+rise of the process's peak resident memory during one decision, measured in a fresh subprocess per case; quadratic
+memory at 6,272 tokens would show as ~150 MB (one fp32 N x N matrix).
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prefill import build  # noqa: E402
+from prefill import add_model_arguments, build, median_time  # noqa: E402
 
 import vlprune  # noqa: E402
 from vlprune.registry import create_selector  # noqa: E402
@@ -83,31 +82,13 @@ def one_case(args, method: str, n: int) -> None:
     print(f"{elapsed:.6f} {(peak - before) / 1024:.1f}")
 
 
-def prefill_time(model, n: int, text: int, repeats: int) -> float:
-    embeds = torch.randn(1, n + text, model.config.text_config.hidden_size)
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            model.model.language_model(inputs_embeds=embeds)
-            if i:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--vision-hidden", type=int, default=512)
-    parser.add_argument("--vision-layers", type=int, default=6)
+    add_model_arguments(parser)
     parser.add_argument("--tokens", type=int, nargs="+", default=[576, 6272])
     parser.add_argument("--ratio", type=float, default=0.111, help="fraction kept (64 of 576)")
-    parser.add_argument("--text", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=None)
-    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -121,7 +102,8 @@ def main() -> None:
     print(f"decoder {args.layers} x {args.hidden}, vision {args.vision_layers} x {args.vision_hidden}, "
           f"keep {args.ratio:.3f} of the visual tokens, {torch.get_num_threads()} threads")  # fmt: skip
     for n in args.tokens:
-        prefill = prefill_time(model, n, args.text, args.repeats)
+        embeds = torch.randn(1, n + args.text, model.config.text_config.hidden_size)
+        prefill = median_time(model, {"inputs_embeds": embeds}, args.repeats)
         print(f"\n{n} visual tokens: unpruned decoder prefill {prefill * 1000:.0f} ms")
         print(f"{'method':<12}{'select ms':>11}{'of prefill':>12}{'peak MB':>10}")
         for method in methods:

@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from . import compaction
-from .attention import ensure_registered, head_mean_attention, last_query_attention, repeated_keys
+from .attention import ensure_registered, last_query_attention, repeated_keys, text_attention
 from .config import PruneConfig, Stage, load_config, preset_names
 from .hooks import HookSet
 from .plan import KeepPlan
 from .registry import adapter_class, list_methods
-from .schedule import ResolvedStage, StageInputs, check_selection, decide, resolve
-from .signals import VISION, TokenView
+from .schedule import ResolvedStage, StageInputs, decide, decide_vision, resolve
+from .signals import VISION
 
 logger = logging.getLogger(__name__)
 
@@ -223,28 +223,10 @@ class Pruned:
             if "text_attention" in names:
                 call.llm.setdefault("text_attention", {})[layer] = (
                     rows,
-                    self._text_rows(query, key, scaling, key_mask, rows),
+                    text_attention(query, key, scaling, key_mask, rows, call.layouts),
                 )
 
         return scorer
-
-    def _text_rows(self, query, key, scaling, key_mask, rows) -> list:
-        """Per sample: the input rows of its text tokens after its first visual token, and their head-mean
-        attention over all keys (t, L)."""
-        out = []
-        for b, layout in enumerate(self._call.layouts):
-            row = rows[b].cpu()
-            if layout.positions.numel() == 0:
-                out.append((torch.zeros(0, dtype=torch.long), query.new_zeros(0, key.shape[2])))
-                continue
-            after = (row > layout.positions[0]) & ~torch.isin(row, layout.positions)
-            if key_mask is not None:
-                after &= key_mask[b].cpu()
-            slots = torch.nonzero(after).flatten()
-            mask_b = key_mask[b : b + 1] if key_mask is not None else None
-            scores = head_mean_attention(query[b : b + 1, :, slots.to(query.device)], key[b : b + 1], scaling, mask_b)
-            out.append((row[slots], scores[0]))
-        return out
 
     def _stage_inputs(self, stage: ResolvedStage, layer: int, hidden: torch.Tensor) -> StageInputs:
         call = self._call
@@ -284,31 +266,9 @@ class Pruned:
         return inputs
 
     def _vision_stage(self, x: torch.Tensor) -> torch.Tensor:
-        """Projector pre-hook of a vision-space first stage: decide per image and write the outputs of merging
-        selectors into the projector's input (the dropped slots are removed before decoder layer 0). It runs on every
-        projector call: ``generate`` encodes the images before the first forward (``mm_encoder_outputs``)."""
-        rs = self._stages[min(self._stages)]
-        store, wanted = self._vision, {(r.name, r.layer) for r in rs.requests}
-        decided, out = [], x.clone()
-        n = x.shape[1]
-        for image in range(x.shape[0]):
-            view = TokenView(index=torch.arange(n), grid=self.adapter.image_grid(n), image=image)
-            view.vision_hidden = x[image]
-            view.cls_hidden = store["cls_hidden"][image] if "cls_hidden" in store else None
-            if "vision_keys" in store:
-                keys = store["vision_keys"][image]
-                view.vision_keys, view.cls_key = keys[-n:], (keys[0] if keys.shape[0] > n else None)
-            for key, scores in store.get("cls_attention", {}).items():
-                if ("cls_attention", key) in wanted:
-                    view.cls_attention[key] = scores[image]
-            budget = rs.stage.budget(n)
-            sources = x[image] if view.cls_hidden is None else torch.cat([x[image], view.cls_hidden[None]])
-            chosen = rs.selector.select(view, budget)
-            k = min(rs.selector.count(view, budget), n)
-            selection = check_selection(rs.stage.method, chosen, n, sources.shape[0], k)
-            decided.append(selection)
-            out[image, selection.keep.to(x.device)] = selection.apply(sources)
-        store["decided"] = decided
+        """Projector pre-hook of a vision-space first stage (see :func:`vlprune.schedule.decide_vision`). It runs
+        on every projector call: ``generate`` encodes the images before the first forward (``mm_encoder_outputs``)."""
+        out, self._vision["decided"] = decide_vision(self._stages[min(self._stages)], x, self._vision, self.adapter)
         return out
 
     def _layer_hook(self, layer: int):

@@ -97,3 +97,23 @@ def repeated_keys(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     b, hkv, length, d = key.shape
     key = key.repeat_interleave(query.shape[1] // hkv, dim=1)  # (B, H, L, D)
     return key.transpose(1, 2).reshape(b, length, -1)
+
+
+def text_attention(query, key, scaling, key_mask, rows: torch.Tensor, layouts) -> list:
+    """Per sample: the input rows of its text tokens after its first visual token, and their head-mean attention
+    over all keys ``(t, L)``. ``rows`` (B, L) are the input rows of the current slots; ``layouts`` the samples'
+    :class:`~vlprune.schedule.SampleLayout`."""
+    out = []
+    for b, layout in enumerate(layouts):
+        row = rows[b].cpu()
+        if layout.positions.numel() == 0:
+            out.append((torch.zeros(0, dtype=torch.long), query.new_zeros(0, key.shape[2])))
+            continue
+        after = (row > layout.positions[0]) & ~torch.isin(row, layout.positions)
+        if key_mask is not None:
+            after &= key_mask[b].cpu()
+        slots = torch.nonzero(after).flatten()
+        mask_b = key_mask[b : b + 1] if key_mask is not None else None
+        scores = head_mean_attention(query[b : b + 1, :, slots.to(query.device)], key[b : b + 1], scaling, mask_b)
+        out.append((row[slots], scores[0]))
+    return out

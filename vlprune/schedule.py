@@ -213,3 +213,31 @@ def decide(rs: ResolvedStage, inputs: StageInputs, layouts: list[SampleLayout]):
         space=rs.selector.space,
     )
     return keep_slots, merges, plan
+
+
+def decide_vision(rs: ResolvedStage, x: torch.Tensor, store: dict, adapter) -> tuple[torch.Tensor, list[Selection]]:
+    """A vision-space first stage, run on the projector's input ``x`` (n_img, N, Dv): decide per image and write the
+    outputs of merging selectors into the kept slots (the others are removed before decoder layer 0).
+
+    Returns the new projector input and each image's checked :class:`Selection` (used again at layer 0)."""
+    wanted = {(r.name, r.layer) for r in rs.requests}
+    decided, out = [], x.clone()
+    n = x.shape[1]
+    for image in range(x.shape[0]):
+        view = TokenView(index=torch.arange(n), grid=adapter.image_grid(n), image=image)
+        view.vision_hidden = x[image]
+        view.cls_hidden = store["cls_hidden"][image] if "cls_hidden" in store else None
+        if "vision_keys" in store:
+            keys = store["vision_keys"][image]
+            view.vision_keys, view.cls_key = keys[-n:], (keys[0] if keys.shape[0] > n else None)
+        for key, scores in store.get("cls_attention", {}).items():
+            if ("cls_attention", key) in wanted:
+                view.cls_attention[key] = scores[image]
+        budget = rs.stage.budget(n)
+        sources = x[image] if view.cls_hidden is None else torch.cat([x[image], view.cls_hidden[None]])
+        chosen = rs.selector.select(view, budget)
+        k = min(rs.selector.count(view, budget), n)
+        selection = check_selection(rs.stage.method, chosen, n, sources.shape[0], k)
+        decided.append(selection)
+        out[image, selection.keep.to(x.device)] = selection.apply(sources)
+    return out, decided
