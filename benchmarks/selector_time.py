@@ -7,8 +7,10 @@
 The selector sees the signals it requests at this model's widths (random values: decision cost does not depend on
 them) and keeps ``ratio`` of the tokens. "Prefill" is the model's forward over the embeddings of the visual tokens
 plus ``--text`` text tokens (decoder only, ``logits_to_keep=1``), measured in the same process; each decision runs
-in a fresh subprocess. Memory: no selector builds an N x N matrix (DivPrune streams its nearest-neighbour search in
-1024-row chunks; SparseVLM's DPC-KNN is quadratic only in the recycled tokens, about 0.3 (N - keep)).
+in a fresh subprocess; a tower selector (FlowCut) is timed over all its per-layer scoring and pruning steps in the
+tower. Memory: no selector builds an N x N matrix (DivPrune streams its nearest-neighbour search in 1024-row chunks;
+SparseVLM's DPC-KNN is quadratic only in the recycled tokens, about 0.3 (N - keep); FlowCut needs only the [CLS] row
+of each layer's attention).
 """
 
 from __future__ import annotations
@@ -65,17 +67,40 @@ def make_view(config, projector, selector, n: int, text: int) -> TokenView:
     return view
 
 
+def tower_decisions(config, selector, n: int, keep: int) -> float:
+    """A tower selector's own work over one image's vision forward (every layer's scores, every pruning step) with
+    random queries, keys and values at the tower's widths; nearly flat attention, so few tokens go early (the most
+    work). Returns seconds."""
+    v = config.vision_config
+    heads, dk = v.num_attention_heads, v.hidden_size // v.num_attention_heads
+    feature = v.num_hidden_layers - 2  # features from hidden_states[-2]
+    g = torch.Generator().manual_seed(0)
+    state, count, elapsed = {}, n, 0.0
+    prune_after = selector.prune_after(feature)
+    for layer in range(feature):
+        q, k, value = (torch.randn(1, heads, 1 + count, dk, generator=g) for _ in range(3))
+        start = time.perf_counter()
+        selector.observe(state, q, k, value, None, dk**-0.5)
+        if layer in prune_after:
+            count = int(selector.prune(state, layer, feature, [count], keep)[0].numel())
+        elapsed += time.perf_counter() - start
+    return elapsed
+
+
 def one_case(args, method: str, n: int) -> None:
     """Child process: time one decision."""
     config = build(args, config_only=True)  # the child needs the widths and the projector, not the model
     projector = LlavaMultiModalProjector(config).eval()
     selector = create_selector(method, **PARAMS.get(method, {}))
-    view = make_view(config, projector, selector, n, args.text)
     keep = max(1, round(args.ratio * n))
     with torch.no_grad():
-        start = time.perf_counter()
-        selector.select(view, keep)
-        elapsed = time.perf_counter() - start
+        if selector.tower:
+            elapsed = tower_decisions(config, selector, n, keep)
+        else:
+            view = make_view(config, projector, selector, n, args.text)
+            start = time.perf_counter()
+            selector.select(view, keep)
+            elapsed = time.perf_counter() - start
     print(f"{elapsed:.6f}")
 
 

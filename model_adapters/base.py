@@ -72,6 +72,7 @@ class Adapter:
             "text_attention": "text_config",
             "cls_attention": "vision_config",
             "vision_keys": "vision_config",
+            "vision_qkv": "vision_config",
         }
         return sorted({keys[r.name] for r in requests if r.name in keys})
 
@@ -137,7 +138,8 @@ class Adapter:
 
     @staticmethod
     def inject_scorer(hooks: HookSet, module: nn.Module, scorer, active=lambda: True) -> None:
-        """Make ``module``'s attention function call ``scorer(module, query, key, kwargs)`` while ``active()``."""
+        """Make ``module``'s attention function call ``scorer(module, query, key, value, kwargs)`` while
+        ``active()``."""
 
         def pre_hook(mod, args, kwargs):
             if active():
@@ -146,6 +148,17 @@ class Adapter:
             return None
 
         hooks.pre(module, pre_hook)
+
+    @property
+    def feature_encoder_layer(self) -> int:
+        """Index of the vision encoder layer whose output the model takes as its image features."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its vision feature layer")
+
+    def install_tower_stage(self, hooks: HookSet, tower) -> None:
+        """Install a :class:`vlprune.tower.TowerStage`: its ``enter`` before every encoder layer, its ``observe`` in
+        the attention of the layers before the feature layer, its ``expand`` on the projector's output. Install it
+        before :meth:`install_vision`, so that captures of the projector's output see the expanded tensor."""
+        raise NotImplementedError(f"{type(self).__name__} cannot prune inside its vision tower")
 
     def install_projector_stage(self, hooks: HookSet, stage) -> None:
         """Make the projector's input pass through ``stage`` ((n_img, N, Dv) -> same shape) first."""
@@ -156,7 +169,7 @@ class Adapter:
         """A scorer for one vision attention module: stores the [CLS] row (head mean) under each of ``keys`` in
         ``store["cls_attention"]`` and, with ``want_keys``, the head-mean keys in ``store["vision_keys"]``."""
 
-        def scorer(module, query, key, kwargs):
+        def scorer(module, query, key, value, kwargs):
             if keys:
                 scores = first_query_attention(query, key, kwargs.get("scaling")).detach()  # (n_img, T)
                 scores = scores[:, 1:] if drop_cls else scores

@@ -85,8 +85,51 @@ class LlavaAdapter(Adapter):
         elif request.name == "vision_keys":
             self.vision_layer(None)
             self._check_attention("vision_config", method)
+        elif request.name == "vision_qkv":
+            self._check_tower(method)
         if request.name == "vision_hidden" and not self.has_cls and method == "visionzip":
             raise ValueError(f"method {method!r} needs a vision tower with a [CLS] token")
+
+    def _check_tower(self, method: str) -> None:
+        config = self.model.config
+        problem = None
+        if not self.has_cls:
+            problem = f"a vision tower with a [CLS] token (this one is {self.vision_model_type})"
+        elif self.strategy != "default":
+            problem = f"vision_feature_select_strategy='default' (this model uses {self.strategy!r})"
+        elif not isinstance(config.vision_feature_layer, int):
+            problem = f"a single vision feature layer (this model uses {config.vision_feature_layer!r})"
+        elif self.feature_encoder_layer < 1:
+            problem = "a vision feature layer after encoder layer 0"
+        elif config.vision_config._attn_implementation not in ("sdpa", "eager", "vlprune_sdpa", "vlprune_eager"):
+            impl = config.vision_config._attn_implementation
+            problem = f"'sdpa' or 'eager' attention in the vision tower for its padding masks (this one uses {impl!r})"
+        if problem:
+            raise ValueError(f"method {method!r} prunes inside the vision tower and needs {problem}")
+
+    @property
+    def feature_encoder_layer(self) -> int:
+        return self.vision_layer(None)
+
+    def install_tower_stage(self, hooks: HookSet, tower) -> None:
+        layers = self.vision_tower.encoder.layers
+
+        def enter(index):
+            def hook(module, args, kwargs):
+                hidden, mask = tower.enter(index, args[0] if args else kwargs["hidden_states"])
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "attention_mask")}
+                return (hidden, mask, *args[2:]), kwargs
+
+            return hook
+
+        def observe(index):
+            return lambda module, q, k, v, kwargs: tower.observe(index, q, k, v, kwargs.get("scaling"))
+
+        for index, layer in enumerate(layers):
+            hooks.pre(layer, enter(index))
+        for index in range(tower.feature_layer):
+            self.inject_scorer(hooks, layers[index].self_attn, observe(index))
+        hooks.post(self.projector, lambda module, args, kwargs, out: tower.expand(out))
 
     def install_vision(self, requests: list[SignalRequest], store: dict, hooks: HookSet) -> None:
         names = {r.name for r in requests}

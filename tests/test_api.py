@@ -92,7 +92,7 @@ def test_wrapping_twice_is_an_error(model):
     handle.unwrap()
 
 
-@pytest.mark.parametrize("method", ["fastv", "fastervlm", "random"])
+@pytest.mark.parametrize("method", ["fastv", "fastervlm", "random", "flowcut"])
 def test_unwrap_leaves_no_trace(model, method):
     x = inputs(model)
     before, ref = state(model), logits(model, x)

@@ -3,7 +3,8 @@
 How a wrapped forward runs (prefill):
 
 1. A pre-hook on the model's entry module notes ``input_ids``, the 2-D mask and the cache.
-2. Vision hooks (installed by the adapter) capture the signals the stages asked for.
+2. Vision hooks (installed by the adapter) capture the signals the stages asked for; a first stage that prunes inside
+   the vision tower (FlowCut) compacts the tower's tokens between its layers (:mod:`vlprune.tower`).
 3. The pre-hook of decoder layer ``L`` of each stage asks the selector for a plan, then gathers the hidden states,
    rotary ``(cos, sin)``, position ids and mask down to the kept tokens (:mod:`vlprune.compaction`). Every later
    layer gets the gathered tensors in place of the full-length ones the language model prepared.
@@ -30,6 +31,7 @@ from .plan import KeepPlan
 from .registry import adapter_class, list_methods
 from .schedule import ResolvedStage, StageInputs, decide, decide_vision, resolve
 from .signals import VISION
+from .tower import TowerStage
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +101,11 @@ class Pruned:
                 self.model.set_attn_implementation({key: wrapped})
         self._hooks.pre(adapter.entry, self._on_entry)
         self._hooks.post(adapter.entry, self._on_entry_done)
-        adapter.install_vision(requests, self._vision, self._hooks)
         first = self._stages[min(self._stages)]
-        if first.selector.space == "vision":
+        if first.selector.tower:  # before install_vision: captures of the projector output see the expanded tensor
+            adapter.install_tower_stage(self._hooks, TowerStage(first, adapter.feature_encoder_layer, self._vision))
+        adapter.install_vision(requests, self._vision, self._hooks)
+        if first.selector.space == "vision" and not first.selector.tower:
             adapter.install_projector_stage(self._hooks, self._vision_stage)
         scored: dict[int, set[str]] = {}
         for r in requests:
@@ -205,7 +209,7 @@ class Pruned:
         return torch.arange(length, device=device).expand(len(call.layouts), length)
 
     def _llm_scorer(self, layer: int, names: set[str]):
-        def scorer(module, query, key, kwargs):
+        def scorer(module, query, key, value, kwargs):
             call = self._call
             query, key = query.detach(), key.detach()
             key_mask = call.segment.mask if call.segment is not None else call.attention_mask

@@ -18,7 +18,7 @@ SCORER_KWARG = "vlprune_scorer"
 PREFIX = "vlprune_"
 SUPPORTED_BASES = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 
-Scorer = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict], None]
+Scorer = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, dict], None]  # (module, q, k, v, kwargs)
 
 
 def scoring_name(base: str) -> str:
@@ -46,7 +46,7 @@ def _make_attention(base: str) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
         scorer = kwargs.pop(SCORER_KWARG, None)
         if scorer is not None:
-            scorer(module, query, key, kwargs)
+            scorer(module, query, key, value, kwargs)
         fn = _module_eager(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
         return fn(module, query, key, value, attention_mask, **kwargs)
 

@@ -50,11 +50,18 @@ def resolve(config: PruneConfig, adapter) -> list[ResolvedStage]:
         if resolved and layer <= resolved[-1].layer:
             raise ValueError(f"stage layers must be strictly increasing, got {[r.layer for r in resolved] + [layer]}")
         if selector.space == "vision" and (layer != 0 or resolved):
+            where = "inside the vision tower" if selector.tower else "on the vision tower's output"
             raise ValueError(
-                f"{stage.method!r} acts on the vision tower's output: it must be the first stage, at layer 0 "
+                f"{stage.method!r} acts {where}: it must be the first stage, at layer 0 "
                 f"(got layer={layer}{' after another stage' if resolved else ''})"
             )
         requests = selector.requests(layer, adapter.vision_depth)
+        inside = sorted({r.name for r in requests} & {"cls_attention", "vision_hidden", "vision_keys", "projector"})
+        if resolved and resolved[0].selector.tower and inside:
+            raise ValueError(
+                f"{stage.method!r} reads {inside} from inside the vision tower, where {resolved[0].stage.method!r} "
+                "has already removed tokens; a later stage may read the projected features and LLM signals only"
+            )
         for request in requests:
             adapter.check_request(request, stage.method)
         resolved.append(ResolvedStage(stage, selector, layer, requests))

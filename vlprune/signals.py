@@ -22,6 +22,8 @@ signal                  value in a :class:`TokenView` (one image's ``n`` candida
 ``projector``           ``view.vision_hidden`` plus ``view.project``, the projector   projector pre-hook
                         as an fp32 function of ``(m, Dv)`` inputs
 ``grid``                ``(h, w)`` token grid of the image                            adapter geometry
+``vision_qkv``          not in a view: each vision attention layer's query, key and   scoring attention function
+                        value before the feature layer, streamed to a tower selector
 ======================  ==========================================================  ===============================
 
 ``view.text`` is a :class:`TokenView` of the text tokens that follow the image in the prompt (to its end), carrying
@@ -49,6 +51,7 @@ SIGNALS = (
     "vision_keys",
     "projector",
     "grid",
+    "vision_qkv",
 )
 LAYERED = ("cls_attention", "llm_attention", "text_attention", "llm_keys")  # keyed by a layer
 VISION = ("features", "cls_attention", "vision_hidden", "vision_keys", "projector")  # captured in the vision forward

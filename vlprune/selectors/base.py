@@ -67,6 +67,7 @@ class Selector:
     merges: ClassVar[bool] = False
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    tower: ClassVar[bool] = False
 
     def requests(self, layer: int, vision_depth: int) -> list[SignalRequest]:
         """Signals needed by a stage of this selector that prunes before decoder layer ``layer``, on a model whose
@@ -83,6 +84,38 @@ class Selector:
         sorts them), or a :class:`Selection` with that many outputs. ``keep`` is the stage's budget for the image
         (already capped at ``view.n``)."""
         raise NotImplementedError
+
+
+@dataclass
+class TowerSelector(Selector):
+    """A selector that prunes progressively *inside* the vision tower (``space = "vision"``, first stage, layer 0).
+
+    The core (:mod:`vlprune.tower`) streams it each vision attention layer's query, key and value up to the feature
+    layer (:meth:`observe`) and, after each layer in :meth:`prune_after`, asks which of each image's current patches
+    stay (:meth:`prune`); it gathers the tower's tokens accordingly and removes the dropped patches' placeholders
+    before decoder layer 0. ``state`` is a dict the core creates empty for each vision forward.
+    """
+
+    space: ClassVar[str] = "vision"
+    tower: ClassVar[bool] = True
+
+    def prune_after(self, feature_layer: int) -> list[int]:
+        """Encoder layers after whose output tokens are dropped (ascending; the last one leaves exactly the budget),
+        for a model taking its features from the output of encoder layer ``feature_layer``."""
+        raise NotImplementedError
+
+    def observe(self, state: dict, query, key, value, valid: torch.Tensor | None, scaling: float | None) -> None:
+        """Read one vision attention layer: ``query``/``key``/``value`` (B, H, T, d) of the B images, token 0 the
+        [CLS] token, then each image's current patches (right-padded; ``valid`` (B, T) marks real tokens)."""
+        raise NotImplementedError
+
+    def prune(self, state: dict, layer: int, feature_layer: int, counts: list[int], target: int) -> list[torch.Tensor]:
+        """After encoder layer ``layer``: per image, ascending indices into its ``counts[i]`` current patches to keep
+        (exactly ``target`` at the last layer of :meth:`prune_after`, never fewer). Re-index ``state`` to match."""
+        raise NotImplementedError
+
+    def select(self, view: TokenView, keep: int):
+        raise RuntimeError(f"{self.name!r} decides inside the vision tower, not per view")
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
