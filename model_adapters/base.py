@@ -21,6 +21,9 @@ class Adapter:
 
     model_type: ClassVar[str] = ""
     name: ClassVar[str] = ""
+    # Signals this family provides: "yes", or "substitute: <what stands in, and who used it>". Others: a clear error
+    # naming the model and the method. ``vlprune.support_table()`` (and the README's table) is derived from this.
+    signals: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -93,19 +96,46 @@ class Adapter:
         side = round(count**0.5)
         return (side, side) if side * side == count else None
 
-    def layouts(self, visual: torch.Tensor) -> list:
+    def image_sizes(self, store: dict) -> list[int] | None:
+        """Token count of every image of the batch, in the order the model scatters them, when it varies per image
+        (read from what the vision hooks captured); ``None`` when :meth:`image_token_counts` fixes it."""
+        return None
+
+    def grid_of(self, store: dict, image: int, count: int) -> tuple[int, int] | None:
+        """(h, w) token grid of the batch's ``image``-th image, which has ``count`` tokens."""
+        return self.image_grid(count)
+
+    def layouts(self, visual: torch.Tensor, store: dict) -> list:
         """Per-sample :class:`SampleLayout` from the (B, L) visual mask; images are numbered across the batch in
         the order the model scatters their features."""
+        sizes = self.image_sizes(store)
         out, first = [], 0
         for b in range(visual.shape[0]):
             positions = torch.nonzero(visual[b].cpu()).flatten()
-            counts = self.image_token_counts(int(positions.numel()))
+            n = int(positions.numel())
+            if sizes is None:
+                counts = self.image_token_counts(n)
+            else:
+                counts = []
+                while sum(counts) < n and first + len(counts) < len(sizes):
+                    counts.append(sizes[first + len(counts)])
+                if sum(counts) != n:
+                    raise ValueError(
+                        f"sample {b} has {n} image placeholders, which do not add up to whole images of the sizes the "
+                        f"vision tower produced ({sizes})"
+                    )
             image_of = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
             local = torch.cat([torch.arange(c) for c in counts]) if counts else torch.zeros(0, dtype=torch.long)
             images = list(range(first, first + len(counts)))
             first += len(counts)
-            out.append(SampleLayout(positions, image_of, local, images, [self.image_grid(c) for c in counts]))
+            grids = [self.grid_of(store, image, c) for image, c in zip(images, counts, strict=True)]
+            out.append(SampleLayout(positions, image_of, local, images, grids))
         return out
+
+    def decode_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Position ids to pass while decoding after a pruned prefill, from the (B, q) positions the tokens would have
+        had without pruning (1-D models: as they are)."""
+        return positions
 
     # --- signals -----------------------------------------------------------------------------------------------
     @staticmethod
@@ -122,14 +152,18 @@ class Adapter:
         captured = [store["features"]] if "features" in store else []
         captured += list(store.get("cls_attention", {}).values())
         for value in captured:
-            if value.shape[0] != images:
+            if len(value) != images:
                 raise ValueError(
                     f"the prompt has placeholders for {images} image(s) but the vision signals captured during this "
-                    f"call cover {value.shape[0]}; pass pixel_values to the wrapped model so vlprune sees them"
+                    f"call cover {len(value)}; pass pixel_values to the wrapped model so vlprune sees them"
                 )
 
+    def why_not(self, signals: list[str]) -> str:
+        """Why this family cannot provide ``signals`` (not in :attr:`signals`), for error messages."""
+        return "not implemented for this family"
+
     def check_request(self, request: SignalRequest, method: str) -> None:
-        """Raise ``ValueError`` naming the model and method if ``request`` cannot be provided."""
+        """Raise ``ValueError`` naming the model and method if ``request`` cannot be provided by this model."""
         raise NotImplementedError
 
     def install_vision(self, requests: list[SignalRequest], store: dict, hooks: HookSet) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 from ..attention import PREFIX, SUPPORTED_BASES
 from ..hooks import HookSet
 from ..registry import register_adapter
-from ..signals import SignalRequest
+from ..signals import SIGNALS, SignalRequest
 from .base import Adapter
 
 CLS_TOWERS = ("clip_vision_model",)
@@ -22,6 +22,7 @@ class LlavaAdapter(Adapter):
     """Signals: ``features`` (projector output), ``cls_attention`` (CLIP towers), ``llm_attention``, ``grid``."""
 
     model_type = "llava"
+    signals = {name: "yes" for name in SIGNALS}  # [CLS] signals need a CLIP tower (checked per model)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

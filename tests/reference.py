@@ -8,13 +8,14 @@ from transformers.masking_utils import create_causal_mask
 import vlprune
 
 
-def embed(model, ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-    """inputs_embeds with image features scattered in, as LlavaModel.forward does."""
+def embed(model, ids: torch.Tensor, pixel_values: torch.Tensor | None, **image_kwargs) -> torch.Tensor:
+    """inputs_embeds with image features scattered in, as the base model's forward does (``image_kwargs``: e.g.
+    ``image_grid_thw`` for Qwen-VL)."""
     base = model.model
     embeds = base.get_input_embeddings()(ids)
     if pixel_values is None or not (ids == model.config.image_token_id).any():
         return embeds
-    feats = base.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+    feats = base.get_image_features(pixel_values=pixel_values, return_dict=True, **image_kwargs).pooler_output
     feats = torch.cat(list(feats), 0).to(embeds.dtype)
     mask = (ids == model.config.image_token_id)[..., None].expand_as(embeds)
     return embeds.masked_scatter(mask, feats)
@@ -62,6 +63,8 @@ def layer_loop(model, embeds, mask, positions, stages: list[tuple], renumber=Fal
     lm = model.model.language_model
     config = model.config.text_config
     h, pos, m = embeds, positions, mask.bool()
+    if pos.dim() == 3:  # M-RoPE (3, B, L): gather it like a per-token tensor
+        pos = pos.permute(1, 2, 0)
     rows = torch.arange(h.shape[1]).expand(h.shape[0], -1)
     cuts = {stage[0]: stage[1:] for stage in stages}
     for i, block in enumerate(lm.layers):
@@ -78,22 +81,38 @@ def layer_loop(model, embeds, mask, positions, stages: list[tuple], renumber=Fal
             (h, pos, m, rows), valid = gather(slots, h, pos, m, rows)
             m = m & valid
             rows = rows.masked_fill(~valid, -1)
-            pos = original_positions(m) if renumber else pos.masked_fill(~valid, 1)
+            invalid = ~valid if pos.dim() == 2 else ~valid[..., None]
+            pos = original_positions(m) if renumber else pos.masked_fill(invalid, 1)
         if i == 0 or i in cuts:
-            cos_sin = lm.rotary_emb(h, position_ids=pos)
+            text_pos = pos if pos.dim() == 2 else None
+            cos_sin = lm.rotary_emb(h, position_ids=pos if pos.dim() == 2 else pos.permute(2, 0, 1))
             mask4 = create_causal_mask(
-                config=config, inputs_embeds=h, attention_mask=m, past_key_values=None, position_ids=pos
+                config=config, inputs_embeds=h, attention_mask=m, past_key_values=None, position_ids=text_pos
             )
-        h = block(h, attention_mask=mask4, position_embeddings=cos_sin, position_ids=pos)
+        h = block(h, attention_mask=mask4, position_embeddings=cos_sin, position_ids=text_pos)
     return model.lm_head(lm.norm(h))
 
 
 def greedy(
-    model, ids, mask, pixel_values, plans: list[vlprune.KeepPlan], steps: int, renumber=False, eos=2, pad=0, embeds=None
+    model,
+    ids,
+    mask,
+    pixel_values,
+    plans: list[vlprune.KeepPlan],
+    steps: int,
+    renumber=False,
+    eos=2,
+    pad=0,
+    embeds=None,
+    positions_fn=None,
+    image_kwargs=None,
 ):
     """Manual greedy decoding without a cache: each step recomputes everything with the prefill's fixed plans (and
-    their merges). ``embeds`` replaces the prompt's input embeddings (for vision-space merges)."""
-    prompt = embed(model, ids, pixel_values) if embeds is None else embeds
+    their merges). ``embeds`` replaces the prompt's input embeddings (for vision-space merges); ``positions_fn(ids,
+    mask)`` gives the unpruned sequence's positions (default: 1-D, from the mask)."""
+    image_kwargs = image_kwargs or {}
+    positions_fn = positions_fn or (lambda ids, mask: original_positions(mask))
+    prompt = embed(model, ids, pixel_values, **image_kwargs) if embeds is None else embeds
     b, length = ids.shape
     new = torch.zeros(b, 0, dtype=torch.long)
     for _ in range(steps):
@@ -101,7 +120,8 @@ def greedy(
         full_mask = torch.cat([mask.bool(), torch.ones_like(new, dtype=torch.bool)], 1)
         tail = torch.arange(length, length + new.shape[1])
         stages = [(p.layer, [torch.cat([k, tail]) for k in p.keep_tokens], merges_of(p, ids)) for p in plans]
-        logits = layer_loop(model, embeds, full_mask, original_positions(full_mask), stages, renumber)
+        positions = positions_fn(torch.cat([ids, new], 1), full_mask)
+        logits = layer_loop(model, embeds, full_mask, positions, stages, renumber)
         new = torch.cat([new, logits[:, -1].argmax(-1, keepdim=True)], 1)
     # like generate: a sequence that produced EOS continues with padding
     done = (new == eos).long().cumsum(1) - (new == eos).long() > 0

@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import vlprune
 from vlprune.model_adapters.llava import LlavaAdapter
 from vlprune.registry import selector_class
+from vlprune.support import markdown
 
 from reference import state
 from tiny import batch, pixels, prompt, tiny_llava
@@ -187,7 +188,9 @@ def test_registries():
     for name in names:  # every registered method has a docstring and a paper (or baseline) line
         cls = selector_class(name)
         assert cls.__doc__ and cls.summary
-    assert vlprune.list_models() == ["llava"]
+    models = readme.split("| `model_type` | classes | signals |", 1)[1].split("\n\n", 1)[0]
+    assert sorted(re.findall(r"^\| `([a-z0-9_]+)` \|", models, flags=re.M)) == vlprune.list_models()
+    assert markdown() in readme  # the support table is the generated one
     with pytest.raises(ValueError, match="lower snake case"):
         vlprune.register_selector("Bad-Name")
     with pytest.raises(ValueError, match="already registered"):

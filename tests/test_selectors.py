@@ -145,7 +145,7 @@ def test_a_stage_sees_only_the_signals_it_requested():
     config = vlprune.PruneConfig([vlprune.Stage("fastv", keep=2, layer=2), vlprune.Stage("fastv", keep=1, layer=4)])
 
     class Shape:  # just what resolve() reads
-        num_layers, vision_depth, model_type = 6, 3, "llava"
+        num_layers, vision_depth, model_type, signals = 6, 3, "llava", {"llm_attention": "yes"}
 
         def check_request(self, request, method):
             pass

@@ -10,6 +10,7 @@ from .api import Pruned, unwrap, wrap
 from .config import PruneConfig, Stage, load_config, preset_names
 from .plan import KeepPlan
 from .registry import create_selector, list_methods, list_models, register_adapter, register_selector
+from .support import support_table
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "preset_names",
     "register_adapter",
     "register_selector",
+    "support_table",
     "unwrap",
     "wrap",
 ]

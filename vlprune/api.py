@@ -45,6 +45,7 @@ class _Call:
     prefill: bool
     attention_mask: torch.Tensor | None
     cache: Any
+    visual: torch.Tensor | None = None  # (B, L) placeholder mask; layouts are derived on first use
     layouts: list | None = None
     segment: compaction.Segment | None = None
     llm: dict[str, dict] = field(default_factory=dict)  # signal -> {layer: (slot rows then, value)}
@@ -162,7 +163,7 @@ class Pruned:
             self.plans = []
             self._session = None
             visual = self.adapter.visual_mask(input_ids, kwargs.get("inputs_embeds"))
-            self._call = _Call(True, mask, cache, layouts=self.adapter.layouts(visual))
+            self._call = _Call(True, mask, cache, visual=visual)
             return None
         self._vision.clear()
         self._call = _Call(False, mask, cache)
@@ -176,7 +177,7 @@ class Pruned:
         seen = cache.get_seq_length(0) - first.length  # tokens decoded so far
         if kwargs.get("position_ids") is None:
             positions = session.full_length + seen + torch.arange(q, device=first.rows.device)
-            kwargs["position_ids"] = positions[None].expand(first.rows.shape[0], q)
+            kwargs["position_ids"] = self.adapter.decode_positions(positions[None].expand(first.rows.shape[0], q))
         kwargs["attention_mask"] = self._decode_mask2d(first, seen + q)
         return args, kwargs
 
@@ -202,11 +203,19 @@ class Pruned:
             self._call.embeddings = kwargs.get("inputs_embeds")
         return None
 
+    def _layouts(self) -> list:
+        """Where each sample's images are; derived once per prefill, after the vision tower ran (image sizes may
+        come from it)."""
+        call = self._call
+        if call.layouts is None:
+            call.layouts = self.adapter.layouts(call.visual, self._vision)
+        return call.layouts
+
     def _slot_rows(self, length: int, device) -> torch.Tensor:
         call = self._call
         if call.segment is not None:
             return call.segment.rows
-        return torch.arange(length, device=device).expand(len(call.layouts), length)
+        return torch.arange(length, device=device).expand(call.visual.shape[0], length)
 
     def _llm_scorer(self, layer: int, names: set[str]):
         def scorer(module, query, key, value, kwargs):
@@ -227,7 +236,7 @@ class Pruned:
             if "text_attention" in names:
                 call.llm.setdefault("text_attention", {})[layer] = (
                     rows,
-                    text_attention(query, key, scaling, key_mask, rows, call.layouts),
+                    text_attention(query, key, scaling, key_mask, rows, self._layouts()),
                 )
 
         return scorer
@@ -306,8 +315,9 @@ class Pruned:
         required = {"vision_hidden" if r.name == "projector" else r.name for r in stage.requests} & set(VISION)
         if stage.selector.space == "vision":
             required = {"decided"}
-        self.adapter.check_vision(self._vision, call.layouts, required)
-        keep_slots, merges, plan = decide(stage, self._stage_inputs(stage, layer, hidden), call.layouts)
+        layouts = self._layouts()
+        self.adapter.check_vision(self._vision, layouts, required)
+        keep_slots, merges, plan = decide(stage, self._stage_inputs(stage, layer, hidden), layouts)
         self.plans.append(plan)
         logger.debug("%r", plan)
         if all(int(k.numel()) == call.segment.length for k in keep_slots) and not any(m is not None for m in merges):

@@ -12,6 +12,7 @@ from .plan import KeepPlan
 from .registry import create_selector
 from .selectors.base import Selection, Selector
 from .signals import TOKENWISE, SignalRequest, TokenView
+from .support import DEPTH
 
 
 @dataclass
@@ -54,6 +55,12 @@ def resolve(config: PruneConfig, adapter) -> list[ResolvedStage]:
             raise ValueError(
                 f"{stage.method!r} acts {where}: it must be the first stage, at layer 0 "
                 f"(got layer={layer}{' after another stage' if resolved else ''})"
+            )
+        missing = sorted({r.name for r in selector.requests(selector.default_layer, DEPTH)} - set(adapter.signals))
+        if missing:
+            raise ValueError(
+                f"method {stage.method!r} needs {missing}, which {adapter.model_type} cannot provide: "
+                f"{adapter.why_not(missing)} (see vlprune.support_table())"
             )
         requests = selector.requests(layer, adapter.vision_depth)
         inside = sorted({r.name for r in requests} & {"cls_attention", "vision_hidden", "vision_keys", "projector"})

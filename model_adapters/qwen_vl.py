@@ -1,0 +1,112 @@
+"""Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``): a
+vision tower without [CLS] whose merger (the projector) turns each 2 x 2 block of patches into one token, scattered
+into a decoder with multimodal rotary positions (M-RoPE: a temporal, a height and a width row per token).
+
+Positions: a kept token keeps every row of its M-RoPE position (the rotary ``(cos, sin)`` the language model
+computed for it is gathered), and decoding continues from the unpruned sequence's positions, as ``generate`` gives
+them. ``positions="renumber"`` (an ablation) gives the kept tokens consecutive positions on all three rows.
+
+Image sizes vary per image: the adapter reads ``grid_thw`` from the vision tower's call. The tower's own
+per-image outputs (``pooler_output``) are in raster order for both versions (Qwen2.5-VL undoes its window order
+there), which is what the ``features`` signal carries. Prompts with videos are refused for now (the video issue).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..attention import PREFIX, SUPPORTED_BASES
+from ..hooks import HookSet
+from ..registry import register_adapter
+from ..signals import SignalRequest
+from .base import Adapter
+
+SUPPORTED = ("features", "llm_attention", "llm_keys", "text_attention", "incoming_attention", "hidden")
+SUPPORTED += ("normed_hidden", "embeddings", "grid")
+NO_CLS = ("cls_attention", "vision_hidden", "vision_keys", "vision_qkv")  # read the [CLS] token or its states
+
+
+@register_adapter("qwen2_vl")
+class Qwen2VLAdapter(Adapter):
+    """Signals: ``features`` (merger output, raster order), every decoder-side signal, ``grid``. No [CLS]."""
+
+    model_type = "qwen2_vl"
+    signals = {name: "yes" for name in SUPPORTED}
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        config = model.config
+        base = model.model if hasattr(model, "lm_head") else model
+        self.base = base
+        self.entry = base
+        self.language_model = base.language_model
+        self.text_config = config.text_config
+        self.visual = base.visual
+        self.image_token_id = config.image_token_id
+        self.merge = config.vision_config.spatial_merge_size
+        self.vision_depth = config.vision_config.depth
+
+    # --- tokens ------------------------------------------------------------------------------------------------
+    def image_token_counts(self, num_visual: int) -> list[int]:
+        raise ValueError(
+            f"the prompt has {num_visual} image tokens but the vision tower did not run during this call; pass "
+            "pixel_values and image_grid_thw to the wrapped model so vlprune sees each image's size"
+        )
+
+    def image_sizes(self, store: dict) -> list[int] | None:
+        grid = store.get("grid_thw")
+        return None if grid is None else [int(t * h * w) // self.merge**2 for t, h, w in grid.tolist()]
+
+    def grid_of(self, store: dict, image: int, count: int) -> tuple[int, int] | None:
+        t, h, w = store["grid_thw"][image].tolist()
+        return (h // self.merge, w // self.merge) if t == 1 else None
+
+    def decode_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        deltas = self.base.rope_deltas  # set by the model's own prefill when it computed the M-RoPE index
+        if deltas is None:
+            return positions
+        shifted = positions + deltas.to(positions.device).reshape(-1, 1)
+        return torch.stack([positions, shifted, shifted, shifted])
+
+    # --- signals -----------------------------------------------------------------------------------------------
+    def why_not(self, signals: list[str]) -> str:
+        if set(signals) & set(NO_CLS):
+            return "its vision tower has no [CLS] token; use a method reading projected features or decoder attention"
+        return "its merger mixes 2 x 2 patch blocks, and vlprune does not expose it as a per-token projector yet"
+
+    def check_request(self, request: SignalRequest, method: str) -> None:
+        if request.name in ("llm_attention", "llm_keys", "text_attention"):
+            impl = self.text_config._attn_implementation
+            if impl not in SUPPORTED_BASES and not str(impl).startswith(PREFIX):
+                raise ValueError(
+                    f"method {method!r} reads attention scores, which vlprune computes beside the attention "
+                    f"implementation; text_config uses {impl!r}, supported: {SUPPORTED_BASES}"
+                )
+
+    def visual_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
+        if input_ids is not None and (input_ids == self.model.config.video_token_id).any():
+            raise ValueError(
+                f"vlprune does not prune {self.model_type} video inputs yet; unwrap the model for prompts with videos"
+            )
+        return super().visual_mask(input_ids, inputs_embeds)
+
+    def install_vision(self, requests: list[SignalRequest], store: dict, hooks: HookSet) -> None:
+        # Every call overwrites: the last vision call before a prefill encoded its images (videos are refused).
+        def sizes(module, args, kwargs):
+            store["grid_thw"] = (kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]).detach().cpu()
+
+        hooks.pre(self.visual, sizes)
+        if any(r.name == "features" for r in requests):
+
+            def features(module, args, kwargs, out):
+                store["features"] = list(out.pooler_output.detach().split(self.image_sizes(store)))
+
+            hooks.post(self.visual, features)
+
+
+@register_adapter("qwen2_5_vl")
+class Qwen25VLAdapter(Qwen2VLAdapter):
+    """Qwen2.5-VL: as Qwen2-VL (window attention inside the tower does not change the merger's raster output)."""
+
+    model_type = "qwen2_5_vl"

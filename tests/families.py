@@ -1,0 +1,170 @@
+"""Tiny random models of every supported family, and their inputs built by hand (no processor, no download).
+
+``Family.build(layers)`` returns a model; ``Family.inputs(model, shapes, seed)`` the keyword arguments of a
+left-padded batch, where ``shapes`` lists per sample ``(text before, text after each image, image sizes)``;
+``Family.positions(model, inputs)`` the unpruned sequence's positions as the model computes them (1-D, or M-RoPE's
+(3, B, L)); ``Family.split(inputs, b)`` the inputs of sample ``b`` alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+from reference import original_positions
+from tiny import IMAGE, PAD, VOCAB, tiny_llava
+
+VSTART, VEND = 102, 103
+TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    pad_token_id=PAD,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def _text(g: torch.Generator, n: int) -> list[int]:
+    return torch.randint(3, 90, (n,), generator=g).tolist()
+
+
+def _pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), PAD, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p) :] = torch.tensor(p)
+        mask[i, length - len(p) :] = 1
+    return ids, mask
+
+
+class Llava:
+    name = "llava"
+    sizes = (16,)  # 56 px CLIP images: 16 tokens each
+
+    def build(self, layers: int, seed: int = 0, attn: str = "sdpa"):
+        return tiny_llava(attn, layers=layers, seed=seed)
+
+    def inputs(self, model, shapes, seed=0) -> dict:
+        prompts, images = [], 0
+        for i, (before, after, sizes) in enumerate(shapes):
+            g = torch.Generator().manual_seed(seed + i)
+            ids = [1] + _text(g, before)
+            for size in sizes:
+                ids += [IMAGE] * size + _text(g, after)
+            prompts.append(ids)
+            images += len(sizes)
+        ids, mask = _pad(prompts)
+        g = torch.Generator().manual_seed(1000 + seed)
+        return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(images, 3, 56, 56, generator=g))
+
+    def positions(self, model, inputs) -> torch.Tensor:
+        return original_positions(inputs["attention_mask"])
+
+    def image_kwargs(self, inputs) -> dict:
+        return {}
+
+    def split(self, inputs, shapes, b: int) -> dict:
+        first = sum(len(s[2]) for s in shapes[:b])
+        n = len(shapes[b][2])
+        one = self._one(inputs, b)
+        one["pixel_values"] = inputs["pixel_values"][first : first + n]
+        return one
+
+    @staticmethod
+    def _one(inputs, b):
+        mask = inputs["attention_mask"][b]
+        start = int((mask == 0).sum())
+        return {k: inputs[k][b : b + 1, start:] for k in ("input_ids", "attention_mask") if k in inputs}
+
+
+class Qwen2VL(Llava):
+    """Images are (h, w) patch grids (14 px patches, 2 x 2 merge): a (4, 8) grid gives 2 x 4 = 8 tokens."""
+
+    name = "qwen2_vl"
+    sizes = ((8, 8), (4, 8))  # 16 and 8 tokens
+
+    def config(self, layers: int):
+        text = dict(TEXT, num_hidden_layers=layers)
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+        vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, patch_size=14, spatial_merge_size=2)
+        vision["temporal_patch_size"] = 2
+        return Qwen2VLConfig, Qwen2VLForConditionalGeneration, text, vision
+
+    def build(self, layers: int, seed: int = 0, attn: str = "sdpa"):
+        config_class, model_class, text, vision = self.config(layers)
+        torch.manual_seed(seed)
+        config = config_class(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=IMAGE,
+            video_token_id=101,
+            vision_start_token_id=VSTART,
+            vision_end_token_id=VEND,
+        )
+        model = model_class(config).eval()
+        model.set_attn_implementation(attn)
+        return model
+
+    def inputs(self, model, shapes, seed=0) -> dict:
+        prompts, grids = [], []
+        for i, (before, after, sizes) in enumerate(shapes):
+            g = torch.Generator().manual_seed(seed + i)
+            ids = [1] + _text(g, before)
+            for h, w in sizes:
+                ids += [VSTART] + [IMAGE] * (h * w // 4) + [VEND] + _text(g, after)
+                grids.append([1, h, w])
+            prompts.append(ids)
+        ids, mask = _pad(prompts)
+        grid = torch.tensor(grids, dtype=torch.long)
+        g = torch.Generator().manual_seed(1000 + seed)
+        pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, generator=g)
+        return dict(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=pixels,
+            image_grid_thw=grid,
+            mm_token_type_ids=(ids == IMAGE).int(),
+        )
+
+    def positions(self, model, inputs) -> torch.Tensor:
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        grid = inputs["image_grid_thw"]
+        return model.model.get_rope_index(ids, (ids == IMAGE).int(), image_grid_thw=grid, attention_mask=mask)[0]
+
+    def image_kwargs(self, inputs) -> dict:
+        return {"image_grid_thw": inputs["image_grid_thw"]}
+
+    def split(self, inputs, shapes, b: int) -> dict:
+        grid = inputs["image_grid_thw"]
+        first = sum(len(s[2]) for s in shapes[:b])
+        n = len(shapes[b][2])
+        patches = grid.prod(-1)
+        start = int(patches[:first].sum())
+        one = self._one(inputs, b)
+        one["mm_token_type_ids"] = (one["input_ids"] == IMAGE).int()
+        one["image_grid_thw"] = grid[first : first + n]
+        one["pixel_values"] = inputs["pixel_values"][start : start + int(patches[first : first + n].sum())]
+        return one
+
+
+class Qwen25VL(Qwen2VL):
+    name = "qwen2_5_vl"
+
+    def config(self, layers: int):
+        _, _, text, _ = super().config(layers)
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=32, num_heads=4, patch_size=14)
+        vision.update(spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+        return Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, text, vision
+
+
+FAMILIES = {f.name: f for f in (Llava(), Qwen2VL(), Qwen25VL())}

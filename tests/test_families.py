@@ -1,0 +1,154 @@
+"""Every method on every model family (LLaVA's own matrix is in test_methods.py): the core invariants on a
+left-padded batch of two or three prompts with one or two images each, or, for the pairs the support table marks
+"no", the documented error before anything is installed."""
+
+import pytest
+import torch
+
+import vlprune
+
+from families import FAMILIES
+from reference import embed, greedy, layer_loop, merges_of, state
+from tiny import IMAGE
+
+NEW = [name for name in FAMILIES if name != "llava"]
+SHAPES = {
+    "qwen": ((3, 2, ((8, 8),)), (1, 3, ((4, 8), (8, 8))), (5, 1, ((4, 8),))),
+}
+
+
+def shapes_of(family: str):
+    return SHAPES["qwen"]
+
+
+@pytest.fixture(scope="module", params=NEW)
+def case(request):
+    family = FAMILIES[request.param]
+    model = family.build(layers=10)  # deep enough for every default layer (pdrop: 8)
+    run(model, family.inputs(model, shapes_of(family.name)[:1]))  # transformers installs its own hooks on first use
+    return family, model
+
+
+def supported(family) -> list[str]:
+    return [m for m, row in vlprune.support_table().items() if row[family.name] != "no"]
+
+
+def check_first_plan(plan, ids, sizes, budget):
+    """Exact count per image (images of different sizes), text intact, ascending order."""
+    for b in range(ids.shape[0]):
+        expected = [budget(n) for n in sizes[b]]
+        assert torch.bincount(plan.image_of[b], minlength=len(sizes[b])).tolist() == expected
+        visual = torch.nonzero(ids[b] == IMAGE).flatten()
+        text = torch.nonzero(ids[b] != IMAGE).flatten()
+        tokens = plan.keep_tokens[b]
+        assert torch.equal(tokens, torch.sort(torch.cat([text, visual[plan.keep_visual[b]]])).values)
+
+
+def tokens_of(family, size) -> int:
+    return size[0] * size[1] // 4 if isinstance(size, tuple) else size
+
+
+def run(model, inputs, steps=3):
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, pad_token_id=0)
+    return logits, out[:, inputs["input_ids"].shape[1] :]
+
+
+@pytest.mark.parametrize("method", vlprune.list_methods())
+@pytest.mark.parametrize("budget", [{"keep": 3}, {"ratio": 0.5}], ids=["keep3", "ratio0.5"])
+def test_every_method_on_every_family(case, method, budget):
+    family, model = case
+    shapes = shapes_of(family.name)
+    inputs = family.inputs(model, shapes, seed=2)
+    before = state(model)
+    if vlprune.support_table()[method][family.name] == "no":
+        with pytest.raises(ValueError, match=f"method '{method}'.*{family.name}|{family.name}.*'{method}'"):
+            vlprune.wrap(model, method, **budget)
+        assert state(model) == before
+        return
+    with vlprune.wrap(model, method, **budget) as pruned:
+        logits, tokens = run(model, inputs)
+        plans = list(pruned.plans)
+        ids = inputs["input_ids"]
+        sizes = [[tokens_of(family, s) for s in shape[2]] for shape in shapes]
+        stage = vlprune.Stage(method, **budget)
+        check_first_plan(plans[0], ids, sizes, stage.budget)
+        # forward equals the hand-written loop on the same inputs with the unpruned sequence's positions
+        positions = family.positions(model, inputs)
+        embeds = embed(model, ids, inputs["pixel_values"], **family.image_kwargs(inputs))
+        stages = [(p.layer, p.keep_tokens, merges_of(p, ids)) for p in plans]
+        with torch.no_grad():
+            expected = layer_loop(model, embeds, inputs["attention_mask"], positions, stages)
+            expected_tokens = greedy(
+                model,
+                ids,
+                inputs["attention_mask"],
+                inputs["pixel_values"],
+                plans,
+                steps=tokens.shape[1],
+                positions_fn=lambda i, m: family.positions(model, {**inputs, "input_ids": i, "attention_mask": m}),
+                image_kwargs=family.image_kwargs(inputs),
+            )
+        last = plans[-1].keep_tokens
+        real = torch.stack([torch.arange(logits.shape[1]) >= logits.shape[1] - len(k) for k in last])
+        torch.testing.assert_close(logits[real], expected[real], rtol=1e-4, atol=1e-5)
+        assert torch.equal(tokens, expected_tokens)
+        # a batch equals each prompt alone
+        for b in range(len(shapes)):
+            one = family.split(inputs, shapes, b)
+            logits1, tokens1 = run(model, one)
+            assert torch.equal(pruned.plans[0].keep_visual[0], plans[0].keep_visual[b])
+            torch.testing.assert_close(logits[b, -1], logits1[0, -1], rtol=1e-4, atol=1e-5)
+            n = tokens1.shape[1]  # alone, generation stops at EOS; in the batch the row goes on with padding
+            assert torch.equal(tokens1[0], tokens[b, :n]) and not tokens[b, n:].any()
+    assert state(model) == before
+
+
+def test_every_supported_method_is_the_identity_at_keep_all(case):
+    family, model = case
+    inputs = family.inputs(model, shapes_of(family.name)[:2], seed=4)
+    reference = run(model, inputs)
+    for method in supported(family):
+        with vlprune.wrap(model, method, keep=10_000) as pruned:
+            got = run(model, inputs)
+            assert pruned.plans[0].kept_per_sample == pruned.plans[0].num_visual
+        assert torch.equal(got[0], reference[0]) and torch.equal(got[1], reference[1]), method
+
+
+@pytest.mark.parametrize("method", ["divprune", "fastv"])
+def test_qwen2_vl_original_positions_match_the_reference_and_renumbered_ones_differ(method):
+    """The GAP finding on position ids: under M-RoPE, renumbering the kept tokens changes the outputs; the default
+    keeps every row of each kept token's position, as the reference does, so it cannot silently regress."""
+    family = FAMILIES["qwen2_vl"]
+    model = family.build(layers=4, seed=1)
+    shapes = shapes_of(family.name)[:2]
+    inputs = family.inputs(model, shapes, seed=7)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    embeds = embed(model, ids, inputs["pixel_values"], **family.image_kwargs(inputs))
+    outputs = {}
+    for positions in ("original", "renumber"):
+        with vlprune.wrap(model, method, keep=3, positions=positions) as pruned:
+            logits, tokens = run(model, inputs)
+            plans = list(pruned.plans)
+        renumber = positions == "renumber"
+        stages = [(p.layer, p.keep_tokens) for p in plans]
+        with torch.no_grad():
+            expected = layer_loop(model, embeds, mask, family.positions(model, inputs), stages, renumber=renumber)
+            expected_tokens = greedy(
+                model,
+                ids,
+                mask,
+                inputs["pixel_values"],
+                plans,
+                steps=tokens.shape[1],
+                renumber=renumber,
+                positions_fn=lambda i, m: family.positions(model, {**inputs, "input_ids": i, "attention_mask": m}),
+                image_kwargs=family.image_kwargs(inputs),
+            )
+        torch.testing.assert_close(logits[:, -1], expected[:, -1], rtol=1e-4, atol=1e-5)
+        assert torch.equal(tokens, expected_tokens)
+        outputs[positions] = (logits[:, -1], expected[:, -1])
+    # renumbered outputs are far outside the tolerance within which the default matches its reference
+    assert not torch.allclose(outputs["renumber"][0], outputs["original"][1], rtol=1e-4, atol=1e-5)
+    assert (outputs["renumber"][0] - outputs["original"][1]).abs().max() > 20 * 1e-5

@@ -1,0 +1,36 @@
+"""Which method runs on which model family: derived from the selectors' signal requests and the adapters' declared
+signals (``Adapter.signals``), never written by hand. ``python -m vlprune.support`` prints the README's table."""
+
+from __future__ import annotations
+
+from .registry import adapter_class, create_selector, list_methods, list_models
+
+DEPTH = 24  # a vision depth every default request fits (LLaVA-1.5's CLIP)
+
+
+def support(method: str, model_type: str) -> str:
+    """``"yes"``, ``"substitute"`` (some signal stands in for the paper's) or ``"no"`` for a method on a family."""
+    selector = create_selector(method)
+    signals = adapter_class(model_type).signals
+    states = [signals.get(r.name, "no") for r in selector.requests(selector.default_layer, DEPTH)]
+    if any(state == "no" for state in states):
+        return "no"
+    return "substitute" if any(state != "yes" for state in states) else "yes"
+
+
+def support_table() -> dict[str, dict[str, str]]:
+    """``{method: {model_type: "yes" | "substitute" | "no"}}`` over every registered method and family."""
+    return {method: {model: support(method, model) for model in list_models()} for method in list_methods()}
+
+
+def markdown() -> str:
+    """The support table as a markdown table (methods as rows, families as columns)."""
+    models = list_models()
+    lines = ["| method | " + " | ".join(f"`{m}`" for m in models) + " |", "|---|" + "---|" * len(models)]
+    for method, row in support_table().items():
+        lines.append(f"| `{method}` | " + " | ".join(row[m] for m in models) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown())
