@@ -188,6 +188,10 @@ class Adapter:
         """Index of the vision encoder layer whose output the model takes as its image features."""
         raise NotImplementedError(f"{type(self).__name__} does not expose its vision feature layer")
 
+    def install_language(self, hooks: HookSet, current_rows, in_prefill) -> None:
+        """Hooks a family needs inside the language model (Qwen3-VL's DeepStack). ``current_rows()`` gives the input
+        row of each current slot (B, Lc), or ``None`` before any stage; ``in_prefill()`` whether a prefill runs."""
+
     def install_tower_stage(self, hooks: HookSet, tower) -> None:
         """Install a :class:`vlprune.tower.TowerStage`: its ``enter`` before every encoder layer, its ``observe`` in
         the attention of the layers before the feature layer, its ``expand`` on the projector's output. Install it

@@ -110,3 +110,48 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
     """Qwen2.5-VL: as Qwen2-VL (window attention inside the tower does not change the merger's raster output)."""
 
     model_type = "qwen2_5_vl"
+
+
+@register_adapter("qwen3_vl")
+class Qwen3VLAdapter(Qwen2VLAdapter):
+    """Qwen3-VL: as Qwen2-VL, plus DeepStack: the features of a few vision layers are added to the visual tokens'
+    hidden states after the first decoder layers. Wrapped, vlprune adds them itself, to the visual tokens still
+    present at each of those layers (each token gets its own rows; a merged token gets the rows of the token whose
+    slot it keeps), so a stage before or between those layers keeps them consistent."""
+
+    model_type = "qwen3_vl"
+
+    def install_language(self, hooks: HookSet, current_rows, in_prefill) -> None:
+        saved: dict = {}
+
+        def take(module, args, kwargs):
+            saved.clear()
+            embeds = kwargs.get("deepstack_visual_embeds")
+            if embeds is None or not in_prefill():
+                return None
+            saved["masks"], saved["embeds"] = kwargs["visual_pos_masks"], embeds
+            kwargs["deepstack_visual_embeds"] = None
+            return args, kwargs
+
+        def add(level):
+            def hook(module, args, kwargs, hidden):
+                if not saved or level >= len(saved["embeds"]):
+                    return None
+                masks = saved["masks"].to(hidden.device)
+                rows = current_rows()
+                if rows is None:  # no stage yet: every input token is still in its slot
+                    rows = torch.arange(masks.shape[1], device=hidden.device).expand(masks.shape[0], -1)
+                valid = rows >= 0
+                safe = rows.clamp(min=0).to(hidden.device)
+                order = (masks.flatten().long().cumsum(0) - 1).reshape(masks.shape)  # row of each visual token
+                visual = valid.to(hidden.device) & torch.gather(masks, 1, safe)
+                embeds = saved["embeds"][level].to(hidden.device, hidden.dtype)
+                hidden = hidden.clone()
+                hidden[visual] = hidden[visual] + embeds[torch.gather(order, 1, safe)[visual]]
+                return hidden
+
+            return hook
+
+        hooks.pre(self.language_model, take)
+        for level in range(len(self.model.config.vision_config.deepstack_visual_indexes)):
+            hooks.post(self.layers[level], add(level))

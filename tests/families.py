@@ -14,6 +14,8 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 
 from reference import original_positions
@@ -92,6 +94,7 @@ class Qwen2VL(Llava):
 
     name = "qwen2_vl"
     sizes = ((8, 8), (4, 8))  # 16 and 8 tokens
+    patch = 14
 
     def config(self, layers: int):
         text = dict(TEXT, num_hidden_layers=layers)
@@ -127,7 +130,7 @@ class Qwen2VL(Llava):
         ids, mask = _pad(prompts)
         grid = torch.tensor(grids, dtype=torch.long)
         g = torch.Generator().manual_seed(1000 + seed)
-        pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, generator=g)
+        pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * self.patch**2, generator=g)
         return dict(
             input_ids=ids,
             attention_mask=mask,
@@ -167,4 +170,20 @@ class Qwen25VL(Qwen2VL):
         return Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, text, vision
 
 
-FAMILIES = {f.name: f for f in (Llava(), Qwen2VL(), Qwen25VL())}
+class Qwen3VL(Qwen2VL):
+    """16 px patches; DeepStack features of vision layers 0 and 1 are added after decoder layers 0 and 1."""
+
+    name = "qwen3_vl"
+    patch = 16
+
+    def config(self, layers: int):
+        _, _, text, _ = super().config(layers)
+        text["head_dim"] = 8
+        text["rope_parameters"] = dict(text["rope_parameters"], mrope_interleaved=True)
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=32, num_heads=4, patch_size=16)
+        vision.update(spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)
+        vision["deepstack_visual_indexes"] = [0, 1]
+        return Qwen3VLConfig, Qwen3VLForConditionalGeneration, text, vision
+
+
+FAMILIES = {f.name: f for f in (Llava(), Qwen2VL(), Qwen25VL(), Qwen3VL())}

@@ -21,6 +21,15 @@ def embed(model, ids: torch.Tensor, pixel_values: torch.Tensor | None, **image_k
     return embeds.masked_scatter(mask, feats)
 
 
+def deepstack_of(model, ids, pixel_values, **image_kwargs):
+    """Qwen3-VL: ``(visual mask (B, L), [per level (n_visual, D)])`` as the model adds them after its first decoder
+    layers; ``None`` for other models."""
+    if not hasattr(model.config.vision_config, "deepstack_visual_indexes"):
+        return None
+    out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **image_kwargs)
+    return ids == model.config.image_token_id, [torch.cat(list(level), 0) for level in out.deepstack_features]
+
+
 def original_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
@@ -56,10 +65,12 @@ def merges_of(plan: vlprune.KeepPlan, ids: torch.Tensor, image_token: int = 100)
     return out
 
 
-def layer_loop(model, embeds, mask, positions, stages: list[tuple], renumber=False):
+def layer_loop(model, embeds, mask, positions, stages: list[tuple], renumber=False, deepstack=None):
     """Logits of a hand-written decoder loop. ``stages`` lists ``(layer, keep_tokens)`` or ``(layer, keep_tokens,
     merges)``: from ``layer`` on, only the input tokens in ``keep_tokens[b]`` (indices into the input sequence) go
-    on; with ``merges`` (see :func:`merges_of`), each target becomes the weighted sum of its sources first."""
+    on; with ``merges`` (see :func:`merges_of`), each target becomes the weighted sum of its sources first.
+    ``deepstack`` (see :func:`deepstack_of`): after layer ``i``, each visual token still present gets its own row
+    of level ``i`` added."""
     lm = model.model.language_model
     config = model.config.text_config
     h, pos, m = embeds, positions, mask.bool()
@@ -90,6 +101,17 @@ def layer_loop(model, embeds, mask, positions, stages: list[tuple], renumber=Fal
                 config=config, inputs_embeds=h, attention_mask=m, past_key_values=None, position_ids=text_pos
             )
         h = block(h, attention_mask=mask4, position_embeddings=cos_sin, position_ids=text_pos)
+        if deepstack is not None and i < len(deepstack[1]):
+            visual, levels = deepstack
+            index = {}
+            for b in range(visual.shape[0]):
+                for r in torch.nonzero(visual[b]).flatten().tolist():
+                    index[(b, r)] = len(index)
+            h = h.clone()
+            for b in range(h.shape[0]):
+                for slot, r in enumerate(rows[b].tolist()):
+                    if (b, r) in index:
+                        h[b, slot] = h[b, slot] + levels[i][index[(b, r)]]
     return model.lm_head(lm.norm(h))
 
 
@@ -113,6 +135,7 @@ def greedy(
     image_kwargs = image_kwargs or {}
     positions_fn = positions_fn or (lambda ids, mask: original_positions(mask))
     prompt = embed(model, ids, pixel_values, **image_kwargs) if embeds is None else embeds
+    deepstack = deepstack_of(model, ids, pixel_values, **image_kwargs)
     b, length = ids.shape
     new = torch.zeros(b, 0, dtype=torch.long)
     for _ in range(steps):
@@ -121,7 +144,10 @@ def greedy(
         tail = torch.arange(length, length + new.shape[1])
         stages = [(p.layer, [torch.cat([k, tail]) for k in p.keep_tokens], merges_of(p, ids)) for p in plans]
         positions = positions_fn(torch.cat([ids, new], 1), full_mask)
-        logits = layer_loop(model, embeds, full_mask, positions, stages, renumber)
+        stack = None
+        if deepstack is not None:
+            stack = (torch.cat([deepstack[0], torch.zeros_like(new, dtype=torch.bool)], 1), deepstack[1])
+        logits = layer_loop(model, embeds, full_mask, positions, stages, renumber, stack)
         new = torch.cat([new, logits[:, -1].argmax(-1, keepdim=True)], 1)
     # like generate: a sequence that produced EOS continues with padding
     done = (new == eos).long().cumsum(1) - (new == eos).long() > 0

@@ -8,7 +8,7 @@ import torch
 import vlprune
 
 from families import FAMILIES
-from reference import embed, greedy, layer_loop, merges_of, state
+from reference import deepstack_of, embed, greedy, layer_loop, merges_of, state
 from tiny import IMAGE
 
 NEW = [name for name in FAMILIES if name != "llava"]
@@ -79,7 +79,8 @@ def test_every_method_on_every_family(case, method, budget):
         embeds = embed(model, ids, inputs["pixel_values"], **family.image_kwargs(inputs))
         stages = [(p.layer, p.keep_tokens, merges_of(p, ids)) for p in plans]
         with torch.no_grad():
-            expected = layer_loop(model, embeds, inputs["attention_mask"], positions, stages)
+            stack = deepstack_of(model, ids, inputs["pixel_values"], **family.image_kwargs(inputs))
+            expected = layer_loop(model, embeds, inputs["attention_mask"], positions, stages, deepstack=stack)
             expected_tokens = greedy(
                 model,
                 ids,

@@ -116,6 +116,7 @@ class Pruned:
             adapter.inject_scorer(
                 self._hooks, adapter.attention_module(layer), self._llm_scorer(layer, names), lambda: self._in_prefill
             )
+        adapter.install_language(self._hooks, self._current_rows, lambda: self._in_prefill)
         if any(r.name == "embeddings" for r in requests):
             self._hooks.pre(adapter.language_model, self._on_language_model)
         for layer in range(min(self._stages), adapter.num_layers):
@@ -202,6 +203,10 @@ class Pruned:
         if self._in_prefill:
             self._call.embeddings = kwargs.get("inputs_embeds")
         return None
+
+    def _current_rows(self) -> torch.Tensor | None:
+        call = self._call
+        return call.segment.rows if call is not None and call.segment is not None else None
 
     def _layouts(self) -> list:
         """Where each sample's images are; derived once per prefill, after the vision tower ran (image sizes may
