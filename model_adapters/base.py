@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..attention import SCORER_KWARG, first_query_attention
+from ..attention import PREFIX, SCORER_KWARG, SUPPORTED_BASES, first_query_attention
 from ..hooks import HookSet
 from ..schedule import SampleLayout
 from ..signals import SignalRequest
@@ -32,6 +32,24 @@ class Adapter:
         self.text_config = model.config
         self.image_token_id: int = -1
         self.vision_depth: int = 0
+
+    def _bind_vlm(self, model: nn.Module) -> nn.Module:
+        """Set the handles every ``XForConditionalGeneration`` family shares; returns the base model."""
+        base = model.model if hasattr(model, "lm_head") else model
+        self.base = self.entry = base
+        self.language_model = base.language_model
+        self.text_config = model.config.text_config
+        self.image_token_id = model.config.image_token_id
+        return base
+
+    def _check_attention(self, config_key: str, method: str) -> None:
+        """Raise unless the attention implementation of sub-config ``config_key`` can be wrapped for scores."""
+        impl = getattr(self.model.config, config_key)._attn_implementation
+        if impl not in SUPPORTED_BASES and not str(impl).startswith(PREFIX):
+            raise ValueError(
+                f"method {method!r} reads attention scores, which vlprune computes beside the attention "
+                f"implementation; {config_key} uses {impl!r}, supported: {SUPPORTED_BASES}"
+            )
 
     # --- structure ---------------------------------------------------------------------------------------------
     @property

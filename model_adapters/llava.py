@@ -8,7 +8,6 @@ import copy
 import torch
 from torch import nn
 
-from ..attention import PREFIX, SUPPORTED_BASES
 from ..hooks import HookSet
 from ..registry import register_adapter
 from ..signals import SIGNALS, SignalRequest
@@ -27,13 +26,9 @@ class LlavaAdapter(Adapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         config = model.config
-        base = model.model if hasattr(model, "lm_head") else model
-        self.entry = base
-        self.language_model = base.language_model
-        self.text_config = config.text_config
+        base = self._bind_vlm(model)
         self.vision_tower = base.vision_tower
         self.projector = base.multi_modal_projector
-        self.image_token_id = config.image_token_id
         vision = config.vision_config
         self.vision_model_type = vision.model_type
         self.vision_depth = vision.num_hidden_layers
@@ -63,14 +58,6 @@ class LlavaAdapter(Adapter):
         if not -depth <= key < depth:
             raise ValueError(f"vision layer {key} is outside the vision tower's {depth} layers ({-depth}..{depth - 1})")
         return key % depth
-
-    def _check_attention(self, config_key: str, method: str) -> None:
-        impl = getattr(self.model.config, config_key)._attn_implementation
-        if impl not in SUPPORTED_BASES and not str(impl).startswith(PREFIX):
-            raise ValueError(
-                f"method {method!r} reads attention scores, which vlprune computes beside the attention "
-                f"implementation; {config_key} uses {impl!r}, supported: {SUPPORTED_BASES}"
-            )
 
     def check_request(self, request: SignalRequest, method: str) -> None:
         if request.name == "cls_attention":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attention import PREFIX, SUPPORTED_BASES
 from ..hooks import HookSet
 from ..registry import register_adapter
 from ..signals import SignalRequest
@@ -37,13 +36,7 @@ class Qwen2VLAdapter(Adapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         config = model.config
-        base = model.model if hasattr(model, "lm_head") else model
-        self.base = base
-        self.entry = base
-        self.language_model = base.language_model
-        self.text_config = config.text_config
-        self.visual = base.visual
-        self.image_token_id = config.image_token_id
+        self.visual = self._bind_vlm(model).visual
         self.merge = config.vision_config.spatial_merge_size
         self.vision_depth = config.vision_config.depth
 
@@ -77,12 +70,7 @@ class Qwen2VLAdapter(Adapter):
 
     def check_request(self, request: SignalRequest, method: str) -> None:
         if request.name in ("llm_attention", "llm_keys", "text_attention"):
-            impl = self.text_config._attn_implementation
-            if impl not in SUPPORTED_BASES and not str(impl).startswith(PREFIX):
-                raise ValueError(
-                    f"method {method!r} reads attention scores, which vlprune computes beside the attention "
-                    f"implementation; text_config uses {impl!r}, supported: {SUPPORTED_BASES}"
-                )
+            self._check_attention("text_config", method)
 
     def visual_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
         if input_ids is not None and (input_ids == self.model.config.video_token_id).any():

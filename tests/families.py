@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLVisionConfig,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen3VLConfig,
@@ -19,7 +23,7 @@ from transformers import (
 )
 
 from reference import original_positions
-from tiny import IMAGE, PAD, VOCAB, tiny_llava
+from tiny import IMAGE, PAD, VOCAB, batch, tiny_llava
 
 VSTART, VEND = 102, 103
 TEXT = dict(
@@ -39,16 +43,6 @@ def _text(g: torch.Generator, n: int) -> list[int]:
     return torch.randint(3, 90, (n,), generator=g).tolist()
 
 
-def _pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), length), PAD, dtype=torch.long)
-    mask = torch.zeros(len(prompts), length, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, length - len(p) :] = torch.tensor(p)
-        mask[i, length - len(p) :] = 1
-    return ids, mask
-
-
 class Llava:
     name = "llava"
     sizes = (16,)  # 56 px CLIP images: 16 tokens each
@@ -65,7 +59,7 @@ class Llava:
                 ids += [IMAGE] * size + _text(g, after)
             prompts.append(ids)
             images += len(sizes)
-        ids, mask = _pad(prompts)
+        ids, mask = batch(prompts)
         g = torch.Generator().manual_seed(1000 + seed)
         return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(images, 3, 56, 56, generator=g))
 
@@ -127,7 +121,7 @@ class Qwen2VL(Llava):
                 ids += [VSTART] + [IMAGE] * (h * w // 4) + [VEND] + _text(g, after)
                 grids.append([1, h, w])
             prompts.append(ids)
-        ids, mask = _pad(prompts)
+        ids, mask = batch(prompts)
         grid = torch.tensor(grids, dtype=torch.long)
         g = torch.Generator().manual_seed(1000 + seed)
         pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * self.patch**2, generator=g)
@@ -186,4 +180,48 @@ class Qwen3VL(Qwen2VL):
         return Qwen3VLConfig, Qwen3VLForConditionalGeneration, text, vision
 
 
-FAMILIES = {f.name: f for f in (Llava(), Qwen2VL(), Qwen25VL(), Qwen3VL())}
+class InternVL(Llava):
+    """112 px tiles: 8 x 8 patches, pixel-shuffled to 4 x 4 = 16 tokens per tile; an image is 1 or 2 tiles."""
+
+    name = "internvl"
+
+    def build(self, layers: int, seed: int = 0, attn: str = "sdpa"):
+        torch.manual_seed(seed)
+        vision = InternVLVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=(112, 112),
+            patch_size=(14, 14),
+        )
+        text = Qwen2Config(**dict(TEXT, num_hidden_layers=layers))
+        config = InternVLConfig(
+            vision_config=vision, text_config=text, image_token_id=IMAGE, downsample_ratio=0.5, image_seq_length=16
+        )
+        model = InternVLForConditionalGeneration(config).eval()
+        model.set_attn_implementation(attn)
+        return model
+
+    def inputs(self, model, shapes, seed=0) -> dict:
+        prompts, tiles = [], 0
+        for i, (before, after, sizes) in enumerate(shapes):
+            g = torch.Generator().manual_seed(seed + i)
+            ids = [1] + _text(g, before)
+            for n in sizes:
+                ids += [VSTART] + [IMAGE] * (16 * n) + [VEND] + _text(g, after)
+                tiles += n
+            prompts.append(ids)
+        ids, mask = batch(prompts)
+        g = torch.Generator().manual_seed(1000 + seed)
+        return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(tiles, 3, 112, 112, generator=g))
+
+    def split(self, inputs, shapes, b: int) -> dict:
+        first = sum(sum(s[2]) for s in shapes[:b])
+        n = sum(shapes[b][2])
+        one = self._one(inputs, b)
+        one["pixel_values"] = inputs["pixel_values"][first : first + n]
+        return one
+
+
+FAMILIES = {f.name: f for f in (Llava(), Qwen2VL(), Qwen25VL(), Qwen3VL(), InternVL())}

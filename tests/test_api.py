@@ -65,7 +65,8 @@ def test_unsupported_model_type_lists_supported():
     config = LlamaConfig(
         vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
     )
-    with pytest.raises(ValueError, match=r"unsupported model type 'llama'; supported model types: \['llava'"):
+    supported = r"supported model types: \['internvl', 'llava'"
+    with pytest.raises(ValueError, match=r"unsupported model type 'llama'; " + supported):
         vlprune.wrap(LlamaForCausalLM(config), "random", keep=4)
     with pytest.raises(TypeError, match="must be a transformers model"):
         vlprune.wrap(object(), "random", keep=4)

@@ -8,17 +8,19 @@ import torch
 import vlprune
 
 from families import FAMILIES
-from reference import deepstack_of, embed, greedy, layer_loop, merges_of, state
+from reference import deepstack_of, embed, greedy, layer_loop, merges_of, original_positions, state
+from test_methods import TINY_PARAMS
 from tiny import IMAGE
 
 NEW = [name for name in FAMILIES if name != "llava"]
 SHAPES = {
     "qwen": ((3, 2, ((8, 8),)), (1, 3, ((4, 8), (8, 8))), (5, 1, ((4, 8),))),
+    "internvl": ((3, 2, (1,)), (1, 3, (2, 1)), (5, 1, (2,))),  # tiles per image
 }
 
 
 def shapes_of(family: str):
-    return SHAPES["qwen"]
+    return SHAPES["internvl" if family == "internvl" else "qwen"]
 
 
 @pytest.fixture(scope="module", params=NEW)
@@ -45,12 +47,15 @@ def check_first_plan(plan, ids, sizes, budget):
 
 
 def tokens_of(family, size) -> int:
-    return size[0] * size[1] // 4 if isinstance(size, tuple) else size
+    return size[0] * size[1] // 4 if isinstance(size, tuple) else 16 * size
 
 
 def run(model, inputs, steps=3):
+    """Forward logits and greedy tokens. 1-D models get the positions generate would give a left-padded batch
+    (their forward alone would number padding too), so that both calls decide on the same inputs."""
+    extra = {} if "image_grid_thw" in inputs else {"position_ids": original_positions(inputs["attention_mask"])}
     with torch.no_grad():
-        logits = model(**inputs).logits
+        logits = model(**inputs, **extra).logits
         out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, pad_token_id=0)
     return logits, out[:, inputs["input_ids"].shape[1] :]
 
@@ -64,10 +69,10 @@ def test_every_method_on_every_family(case, method, budget):
     before = state(model)
     if vlprune.support_table()[method][family.name] == "no":
         with pytest.raises(ValueError, match=f"method '{method}'.*{family.name}|{family.name}.*'{method}'"):
-            vlprune.wrap(model, method, **budget)
+            vlprune.wrap(model, method, **budget, **TINY_PARAMS.get(method, {}))
         assert state(model) == before
         return
-    with vlprune.wrap(model, method, **budget) as pruned:
+    with vlprune.wrap(model, method, **budget, **TINY_PARAMS.get(method, {})) as pruned:
         logits, tokens = run(model, inputs)
         plans = list(pruned.plans)
         ids = inputs["input_ids"]
@@ -111,7 +116,7 @@ def test_every_supported_method_is_the_identity_at_keep_all(case):
     inputs = family.inputs(model, shapes_of(family.name)[:2], seed=4)
     reference = run(model, inputs)
     for method in supported(family):
-        with vlprune.wrap(model, method, keep=10_000) as pruned:
+        with vlprune.wrap(model, method, keep=10_000, **TINY_PARAMS.get(method, {})) as pruned:
             got = run(model, inputs)
             assert pruned.plans[0].kept_per_sample == pruned.plans[0].num_visual
         assert torch.equal(got[0], reference[0]) and torch.equal(got[1], reference[1]), method

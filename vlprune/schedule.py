@@ -130,7 +130,8 @@ def _view(rs: ResolvedStage, inputs: StageInputs, layout, b: int, j: int, slots,
         view.features = view.all_features[local.to(view.all_features.device)]
     for key, scores in vision.get("cls_attention", {}).items():
         if ("cls_attention", key) in wanted:
-            view.cls_attention[key] = scores[image][local.to(scores.device)]
+            scores = scores[image]  # (N,) of this image (per-image tensors or a list of them)
+            view.cls_attention[key] = scores[local.to(scores.device)]
     if wanted & {("vision_hidden", None), ("projector", None)}:
         view.vision_hidden = vision["vision_hidden"][image][local.to(vision["vision_hidden"].device)]
         view.project = vision.get("project")
