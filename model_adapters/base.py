@@ -32,6 +32,7 @@ class Adapter:
         self.text_config = model.config
         self.image_token_id: int = -1
         self.vision_depth: int = 0
+        self.feature_hidden: int | list | None = None  # the tower's hidden_states index the features come from
 
     def _bind_vlm(self, model: nn.Module) -> nn.Module:
         """Set the handles every ``XForConditionalGeneration`` family shares; returns the base model."""
@@ -41,6 +42,22 @@ class Adapter:
         self.text_config = model.config.text_config
         self.image_token_id = model.config.image_token_id
         return base
+
+    def vision_layer(self, key: int | None) -> int:
+        """Vision encoder layer whose attention ``cls_attention[key]`` reads; ``None``: the layer whose output the
+        model takes as features (``self.feature_hidden``, an index into the tower's ``hidden_states``)."""
+        depth = self.vision_depth
+        if key is None:
+            hidden = self.feature_hidden
+            if not isinstance(hidden, int):
+                raise ValueError(f"{self.model_type} [CLS] attention needs a single vision feature layer")
+            layer = hidden % (depth + 1) - 1  # hidden_states[h] is the output of layer h - 1
+            if layer < 0:
+                raise ValueError("the vision feature layer is the embedding output, which has no attention map")
+            return layer
+        if not -depth <= key < depth:
+            raise ValueError(f"vision layer {key} is outside the vision tower's {depth} layers ({-depth}..{depth - 1})")
+        return key % depth
 
     def _check_attention(self, config_key: str, method: str) -> None:
         """Raise unless the attention implementation of sub-config ``config_key`` can be wrapped for scores."""

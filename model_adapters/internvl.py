@@ -39,9 +39,7 @@ class InternVLAdapter(Adapter):
         self.projector = base.multi_modal_projector
         self.vision_depth = config.vision_config.num_hidden_layers
         self.tokens_per_tile = config.image_seq_length
-        layer = config.vision_feature_layer
-        # hidden_states[h] is the output of encoder layer h - 1 (-1: the last layer)
-        self.feature_layer = layer % (self.vision_depth + 1) - 1 if isinstance(layer, int) else None
+        self.feature_hidden = config.vision_feature_layer
 
     def why_not(self, signals: list[str]) -> str:
         return "vlprune does not map InternViT's inner states through the pixel shuffle for these yet"
@@ -90,16 +88,6 @@ class InternVLAdapter(Adapter):
                     store.setdefault(target, {})[layer] = grouped
 
     # --- signals -----------------------------------------------------------------------------------------------
-    def vision_layer(self, key: int | None) -> int:
-        """Encoder layer whose attention ``cls_attention[key]`` reads; ``None``: the feature layer."""
-        if key is None:
-            if self.feature_layer is None or self.feature_layer < 0:
-                raise ValueError("internvl [CLS] attention needs a single vision feature layer after the embeddings")
-            return self.feature_layer
-        if not -self.vision_depth <= key < self.vision_depth:
-            raise ValueError(f"vision layer {key} is outside the vision tower's {self.vision_depth} layers")
-        return key % self.vision_depth
-
     def check_request(self, request: SignalRequest, method: str) -> None:
         attention = {"llm_attention": "text_config", "llm_keys": "text_config", "text_attention": "text_config"}
         attention["cls_attention"] = "vision_config"

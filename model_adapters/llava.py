@@ -37,7 +37,7 @@ class LlavaAdapter(Adapter):
         patches = (vision.image_size // vision.patch_size) ** 2
         self.tokens_per_image = patches + int(self.has_cls) - int(self.strategy == "default")
         layer = config.vision_feature_layer
-        self.feature_layer = layer if isinstance(layer, int) else layer[-1]
+        self.feature_hidden = layer if isinstance(layer, int) else layer[-1]
 
     def image_token_counts(self, num_visual: int) -> list[int]:
         if num_visual % self.tokens_per_image:
@@ -46,18 +46,6 @@ class LlavaAdapter(Adapter):
                 "tokens per image"
             )
         return [self.tokens_per_image] * (num_visual // self.tokens_per_image)
-
-    def vision_layer(self, key: int | None) -> int:
-        """Absolute vision layer whose attention ``cls_attention[key]`` reads; ``None``: the feature layer."""
-        depth = self.vision_depth
-        if key is None:
-            layer = self.feature_layer % (depth + 1) - 1  # hidden_states[h] is the output of layer h - 1
-            if layer < 0:
-                raise ValueError("the vision feature layer is the embedding output, which has no attention map")
-            return layer
-        if not -depth <= key < depth:
-            raise ValueError(f"vision layer {key} is outside the vision tower's {depth} layers ({-depth}..{depth - 1})")
-        return key % depth
 
     def check_request(self, request: SignalRequest, method: str) -> None:
         if request.name == "cls_attention":

@@ -117,7 +117,9 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
             embeds = kwargs.get("deepstack_visual_embeds")
             if embeds is None or not in_prefill():
                 return None
-            saved["masks"], saved["embeds"] = kwargs["visual_pos_masks"], embeds
+            masks = kwargs["visual_pos_masks"]
+            saved["masks"], saved["embeds"] = masks, embeds
+            saved["order"] = (masks.flatten().long().cumsum(0) - 1).reshape(masks.shape)  # row of each visual token
             kwargs["deepstack_visual_embeds"] = None
             return args, kwargs
 
@@ -131,7 +133,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                     rows = torch.arange(masks.shape[1], device=hidden.device).expand(masks.shape[0], -1)
                 valid = rows >= 0
                 safe = rows.clamp(min=0).to(hidden.device)
-                order = (masks.flatten().long().cumsum(0) - 1).reshape(masks.shape)  # row of each visual token
+                order = saved["order"].to(hidden.device)
                 visual = valid.to(hidden.device) & torch.gather(masks, 1, safe)
                 embeds = saved["embeds"][level].to(hidden.device, hidden.dtype)
                 hidden = hidden.clone()

@@ -23,20 +23,9 @@ from transformers import (
 )
 
 from reference import original_positions
-from tiny import IMAGE, PAD, VOCAB, batch, tiny_llava
+from tiny import IMAGE, TEXT, batch, tiny_llava
 
 VSTART, VEND = 102, 103
-TEXT = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    pad_token_id=PAD,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 
 
 def _text(g: torch.Generator, n: int) -> list[int]:

@@ -7,6 +7,18 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 VOCAB, IMAGE, PAD = 128, 100, 0
 SIDE = 56  # 56 px / 14 px patches -> 4 x 4 = 16 visual tokens per image
+# the tiny decoder of every family (layers set per model)
+TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    pad_token_id=PAD,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def tiny_llava(
@@ -15,18 +27,7 @@ def tiny_llava(
     """A random LLaVA (CLIP or SigLIP tower, Llama decoder) with ``(side / 14) ** 2`` visual tokens per image (16 by
     default; ``side=336, vision_layers=24, layers=32`` has LLaVA-1.5's token count and depths at tiny widths)."""
     torch.manual_seed(seed)
-    text = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=PAD,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    text = LlamaConfig(**TEXT, num_hidden_layers=layers)
     sizes = dict(
         hidden_size=32,
         intermediate_size=64,

@@ -12,7 +12,7 @@ from .plan import KeepPlan
 from .registry import create_selector
 from .selectors.base import Selection, Selector
 from .signals import TOKENWISE, SignalRequest, TokenView
-from .support import DEPTH
+from .support import missing_signals
 
 
 @dataclass
@@ -56,7 +56,7 @@ def resolve(config: PruneConfig, adapter) -> list[ResolvedStage]:
                 f"{stage.method!r} acts {where}: it must be the first stage, at layer 0 "
                 f"(got layer={layer}{' after another stage' if resolved else ''})"
             )
-        missing = sorted({r.name for r in selector.requests(selector.default_layer, DEPTH)} - set(adapter.signals))
+        missing = missing_signals(selector, adapter.signals)
         if missing:
             raise ValueError(
                 f"method {stage.method!r} needs {missing}, which {adapter.model_type} cannot provide: "

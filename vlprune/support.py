@@ -8,13 +8,18 @@ from .registry import adapter_class, create_selector, list_methods, list_models
 DEPTH = 24  # a vision depth every default request fits (LLaVA-1.5's CLIP)
 
 
+def missing_signals(selector, signals: dict[str, str]) -> list[str]:
+    """The signals ``selector`` requests (at its default layer) that are not among a family's ``signals``."""
+    return sorted({r.name for r in selector.requests(selector.default_layer, DEPTH)} - set(signals))
+
+
 def support(method: str, model_type: str) -> str:
     """``"yes"``, ``"substitute"`` (some signal stands in for the paper's) or ``"no"`` for a method on a family."""
     selector = create_selector(method)
     signals = adapter_class(model_type).signals
-    states = [signals.get(r.name, "no") for r in selector.requests(selector.default_layer, DEPTH)]
-    if any(state == "no" for state in states):
+    if missing_signals(selector, signals):
         return "no"
+    states = [signals[r.name] for r in selector.requests(selector.default_layer, DEPTH)]
     return "substitute" if any(state != "yes" for state in states) else "yes"
 
 

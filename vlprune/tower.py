@@ -33,7 +33,8 @@ class TowerStage:
         self.prune_after = set(self.selector.prune_after(feature_layer))
         self.store = store
         self.kept: list[torch.Tensor] | None = None  # per image: raster indices of its current patches
-        self.valid: torch.Tensor | None = None  # (n_img, T) while counts differ
+        self.valid: torch.Tensor | None = None  # (n_img, T) real tokens, while counts differ
+        self.mask: torch.Tensor | None = None  # the same as an additive (n_img, 1, 1, T) key mask
         self.state: dict = {}
         self.target = 0
         self.patches = 0
@@ -52,17 +53,13 @@ class TowerStage:
             self.patches = hidden.shape[1] - 1
             self.kept = [torch.arange(self.patches)] * hidden.shape[0]
             self.target = min(self.stage.budget(self.patches), self.patches)
-            self.valid, self.state = None, {}
+            self.valid, self.mask, self.state = None, None, {}
         elif layer - 1 in self.prune_after and self.pruning:
             counts = self.counts
             keep = self.selector.prune(self.state, layer - 1, self.feature_layer, counts, self.target)
             hidden = self._gather(hidden, keep)
             self.kept = [k[c] for k, c in zip(self.kept, keep, strict=True)]
-        if self.valid is None:
-            return hidden, None
-        mask = torch.zeros(self.valid.shape, dtype=hidden.dtype, device=hidden.device)
-        mask = mask.masked_fill(~self.valid.to(hidden.device), torch.finfo(hidden.dtype).min)
-        return hidden, mask[:, None, None, :]
+        return hidden, self.mask
 
     def _gather(self, hidden: torch.Tensor, keep: list[torch.Tensor]) -> torch.Tensor:
         counts = [int(k.numel()) for k in keep]
@@ -74,10 +71,12 @@ class TowerStage:
         out[:, 0] = hidden[:, 0]
         for i, k in enumerate(keep):
             out[i, 1 : 1 + k.numel()] = hidden[i, 1 + k.to(hidden.device)]
-        if len(set(counts)) == 1:
-            self.valid = None
-        else:
-            self.valid = torch.arange(length)[None, :] < 1 + torch.tensor(counts)[:, None]
+        self.valid = self.mask = None
+        if len(set(counts)) > 1:
+            lengths = 1 + torch.tensor(counts, device=hidden.device)
+            self.valid = torch.arange(length, device=hidden.device)[None, :] < lengths[:, None]
+            mask = torch.zeros(self.valid.shape, dtype=hidden.dtype, device=hidden.device)
+            self.mask = mask.masked_fill(~self.valid, torch.finfo(hidden.dtype).min)[:, None, None, :]
         return out
 
     def observe(self, layer: int, query, key, value, scaling) -> None:
