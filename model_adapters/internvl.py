@@ -3,8 +3,9 @@ token is a 2 x 2 block of patches) -> projector -> placeholders in a Qwen2 (or L
 
 An image is one or more tiles (the processor's dynamic tiling); the model only sees a stack of tiles, so an image
 is a contiguous run of placeholders in the prompt (the processor wraps each in ``<img>`` ... ``</img>``) and its
-budget is shared by all its tiles. [CLS] attention is the tower's [CLS] row at the feature layer, mapped to LLM
-tokens by the model's own pixel shuffle (a token's score is the sum over its 2 x 2 patches).
+budget is shared by all its tiles (``per="tile"``: each tile has its own). [CLS] attention is the tower's [CLS] row
+at the feature layer, mapped to LLM tokens by the model's own pixel shuffle (a token's score is the sum over its
+2 x 2 patches).
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ class InternVLAdapter(Adapter):
             image_of = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
             local = torch.cat([torch.arange(c) for c in counts]) if counts else torch.zeros(0, dtype=torch.long)
             grids = [self.image_grid(c) if c == self.tokens_per_tile else None for c in counts]
-            out.append(SampleLayout(positions, image_of, local, list(range(first, first + len(counts))), grids))
+            images = list(range(first, first + len(counts)))
+            tile_grids = [[self.image_grid(self.tokens_per_tile)] * (c // self.tokens_per_tile) for c in counts]
+            tile_of = local // self.tokens_per_tile
+            out.append(SampleLayout(positions, image_of, local, images, grids, tile_of=tile_of, tile_grids=tile_grids))
             first += len(counts)
         self._per_image(store, tiles)
         return out

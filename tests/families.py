@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    CLIPVisionConfig,
     InternVLConfig,
     InternVLForConditionalGeneration,
     InternVLVisionConfig,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Config,
@@ -20,7 +26,9 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    SiglipVisionConfig,
 )
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from reference import original_positions
 from tiny import IMAGE, TEXT, batch, tiny_llava
@@ -57,6 +65,13 @@ class Llava:
 
     def image_kwargs(self, inputs) -> dict:
         return {}
+
+    def visual_tokens(self, model, inputs, shapes):
+        """``(visual mask (B, L), visual tokens of each image per sample)``: the placeholders that are candidates."""
+        return inputs["input_ids"] == IMAGE, [[self.tokens(s) for s in shape[2]] for shape in shapes]
+
+    def tokens(self, size) -> int:
+        return 16
 
     def split(self, inputs, shapes, b: int) -> dict:
         first = sum(len(s[2]) for s in shapes[:b])
@@ -129,6 +144,9 @@ class Qwen2VL(Llava):
 
     def image_kwargs(self, inputs) -> dict:
         return {"image_grid_thw": inputs["image_grid_thw"]}
+
+    def tokens(self, size) -> int:
+        return size[0] * size[1] // 4
 
     def split(self, inputs, shapes, b: int) -> dict:
         grid = inputs["image_grid_thw"]
@@ -205,6 +223,9 @@ class InternVL(Llava):
         g = torch.Generator().manual_seed(1000 + seed)
         return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(tiles, 3, 112, 112, generator=g))
 
+    def tokens(self, size) -> int:
+        return 16 * size
+
     def split(self, inputs, shapes, b: int) -> dict:
         first = sum(sum(s[2]) for s in shapes[:b])
         n = sum(shapes[b][2])
@@ -213,4 +234,122 @@ class InternVL(Llava):
         return one
 
 
-FAMILIES = {f.name: f for f in (Llava(), Qwen2VL(), Qwen25VL(), Qwen3VL(), InternVL())}
+class LlavaNext(Llava):
+    """56 px tiles of 4 x 4 tokens; an image of (H, W) pixels is a base tile plus a grid of tiles (pinpoints up to
+    112 x 112), packed with a newline token after each row of the unpadded grid: (56, 56) -> 16 + 4 x 5 placeholders,
+    (56, 112) -> 16 + 4 x 9, (30, 112) -> 16 + 2 x 9 (rows cropped by the unpadding)."""
+
+    name = "llava_next"
+    pinpoints = [[56, 56], [56, 112], [112, 56], [112, 112]]
+
+    def build(self, layers: int, seed: int = 0, attn: str = "sdpa"):
+        torch.manual_seed(seed)
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=56,
+            patch_size=14,
+            projection_dim=32,
+        )
+        config = LlavaNextConfig(
+            vision_config=vision,
+            text_config=LlamaConfig(**TEXT, num_hidden_layers=layers),
+            image_token_id=IMAGE,
+            image_grid_pinpoints=self.pinpoints,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
+        model = LlavaNextForConditionalGeneration(config).eval()
+        model.set_attn_implementation(attn)
+        return model
+
+    def packed(self, model, pixel_values, **image_kwargs) -> list[torch.Tensor]:
+        """Per image, which of its placeholders hold the newline: the unhooked model's packed features compared
+        with its newline parameter."""
+        with torch.no_grad():
+            out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **image_kwargs)
+        newline = model.model.image_newline.to(out.pooler_output[0].dtype)
+        return [(f == newline).all(-1) for f in out.pooler_output]
+
+    def image_inputs(self, shapes) -> tuple[dict, int]:
+        sizes = [size for shape in shapes for size in shape[2]]
+        tiles = [image_size_to_num_patches(size, self.pinpoints, 56) for size in sizes]
+        return {"image_sizes": torch.tensor(sizes, dtype=torch.long)}, max(tiles)
+
+    def inputs(self, model, shapes, seed=0) -> dict:
+        image_kwargs, tiles = self.image_inputs(shapes)
+        g = torch.Generator().manual_seed(1000 + seed)
+        pixels = torch.randn(len(image_kwargs["image_sizes"]), tiles, 3, 56, 56, generator=g)
+        counts = iter([len(n) for n in self.packed(model, pixels, **image_kwargs)])
+        prompts = []
+        for i, (before, after, sizes) in enumerate(shapes):
+            g = torch.Generator().manual_seed(seed + i)
+            ids = [1] + _text(g, before)
+            for _ in sizes:
+                ids += [IMAGE] * next(counts) + _text(g, after)
+            prompts.append(ids)
+        ids, mask = batch(prompts)
+        return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, **image_kwargs)
+
+    def image_kwargs(self, inputs) -> dict:
+        return {k: inputs[k] for k in ("image_sizes", "batch_num_images") if k in inputs}
+
+    def visual_tokens(self, model, inputs, shapes):
+        newline = self.packed(model, inputs["pixel_values"], **self.image_kwargs(inputs))
+        visual = inputs["input_ids"] == IMAGE
+        visual[visual.clone()] = ~torch.cat(newline)
+        counts = iter(int((~n).sum()) for n in newline)
+        return visual, [[next(counts) for _ in shape[2]] for shape in shapes]
+
+    def split(self, inputs, shapes, b: int) -> dict:
+        one = super().split(inputs, shapes, b)
+        first = sum(len(s[2]) for s in shapes[:b])
+        one["image_sizes"] = inputs["image_sizes"][first : first + len(shapes[b][2])]
+        return one
+
+
+class LlavaOnevision(LlavaNext):
+    """SigLIP (no [CLS]) 56 px tiles; pinpoints up to 224 x 224, so a (224, 224) image's 16 x 16 crop grid is
+    interpolated down to 12 x 12 (anyres_max_9); a sample with several images gives each one tile
+    (``batch_num_images``)."""
+
+    name = "llava_onevision"
+    pinpoints = [[56, 56], [56, 112], [112, 56], [112, 112], [224, 224]]
+
+    def build(self, layers: int, seed: int = 0, attn: str = "sdpa"):
+        torch.manual_seed(seed)
+        vision = SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=56,
+            patch_size=14,
+        )
+        config = LlavaOnevisionConfig(
+            vision_config=vision,
+            text_config=Qwen2Config(**dict(TEXT, num_hidden_layers=layers)),
+            image_token_id=IMAGE,
+            video_token_id=101,
+            image_grid_pinpoints=self.pinpoints,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+        )
+        model = LlavaOnevisionForConditionalGeneration(config).eval()
+        model.set_attn_implementation(attn)
+        return model
+
+    def image_inputs(self, shapes) -> tuple[dict, int]:
+        image_kwargs, tiles = super().image_inputs(shapes)
+        image_kwargs["batch_num_images"] = torch.tensor([len(shape[2]) for shape in shapes])
+        return image_kwargs, tiles
+
+    def split(self, inputs, shapes, b: int) -> dict:
+        one = super().split(inputs, shapes, b)
+        one["batch_num_images"] = inputs["batch_num_images"][b : b + 1]
+        return one
+
+
+FAMILIES = {f.name: f for f in (Llava(), Qwen2VL(), Qwen25VL(), Qwen3VL(), InternVL(), LlavaNext(), LlavaOnevision())}

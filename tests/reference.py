@@ -57,7 +57,7 @@ def merges_of(plan: vlprune.KeepPlan, ids: torch.Tensor, image_token: int = 100)
         return None
     out = []
     for b, (into, weight) in enumerate(zip(plan.merged_into, plan.merge_weight, strict=True)):
-        visual = torch.nonzero(ids[b] == image_token).flatten()
+        visual = plan.visual_rows[b] if plan.visual_rows is not None else torch.nonzero(ids[b] == image_token).flatten()
         groups: dict[int, list] = {}
         for v in torch.nonzero(into >= 0).flatten().tolist():
             groups.setdefault(int(visual[into[v]]), []).append((int(visual[v]), float(weight[v])))

@@ -47,6 +47,7 @@ BAD = [
     (("random",), {"keep": 4, "sead": 1}, TypeError, r"unknown parameter\(s\) \['sead'\]; its parameters are: \["),
     (("vtc_cls",), {"keep": 4}, ValueError, "vtc_cls sums vision layers"),
     (("fastv",), {"keep": 4, "positions": "shifted"}, ValueError, "positions must be one of"),
+    (("fastv",), {"keep": 4, "per": "crop"}, ValueError, "per must be one of"),
     ((3,), {"keep": 4}, TypeError, "method must be a name, a path or a PruneConfig"),
 ]
 

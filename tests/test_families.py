@@ -4,23 +4,25 @@ left-padded batch of two or three prompts with one or two images each, or, for t
 
 import pytest
 import torch
+from transformers.image_processing_utils import select_best_resolution
 
 import vlprune
 
 from families import FAMILIES
 from reference import deepstack_of, embed, greedy, layer_loop, merges_of, original_positions, state
 from test_methods import TINY_PARAMS
-from tiny import IMAGE
 
 NEW = [name for name in FAMILIES if name != "llava"]
 SHAPES = {
-    "qwen": ((3, 2, ((8, 8),)), (1, 3, ((4, 8), (8, 8))), (5, 1, ((4, 8),))),
+    "qwen": ((3, 2, ((8, 8),)), (1, 3, ((4, 8), (8, 8))), (5, 1, ((4, 8),))),  # patch grids
     "internvl": ((3, 2, (1,)), (1, 3, (2, 1)), (5, 1, (2,))),  # tiles per image
+    "llava_next": ((3, 2, ((56, 112),)), (1, 3, ((30, 112), (56, 56))), (5, 1, ((56, 56),))),  # pixels (H, W)
+    "llava_onevision": ((3, 2, ((224, 224),)), (1, 3, ((30, 112), (56, 56))), (5, 1, ((56, 112),))),
 }
 
 
 def shapes_of(family: str):
-    return SHAPES["internvl" if family == "internvl" else "qwen"]
+    return SHAPES.get(family, SHAPES["qwen"])
 
 
 @pytest.fixture(scope="module", params=NEW)
@@ -35,19 +37,17 @@ def supported(family) -> list[str]:
     return [m for m, row in vlprune.support_table().items() if row[family.name] != "no"]
 
 
-def check_first_plan(plan, ids, sizes, budget):
-    """Exact count per image (images of different sizes), text intact, ascending order."""
-    for b in range(ids.shape[0]):
+def check_first_plan(plan, candidates, sizes, budget):
+    """Exact count per image (images of different sizes), everything else (text, LLaVA-NeXT's newlines) intact,
+    ascending order. ``candidates`` (B, L): the visual tokens, computed independently of vlprune."""
+    for b in range(candidates.shape[0]):
         expected = [budget(n) for n in sizes[b]]
         assert torch.bincount(plan.image_of[b], minlength=len(sizes[b])).tolist() == expected
-        visual = torch.nonzero(ids[b] == IMAGE).flatten()
-        text = torch.nonzero(ids[b] != IMAGE).flatten()
+        visual = torch.nonzero(candidates[b]).flatten()
+        assert torch.equal(plan.visual_rows[b], visual)
+        others = torch.nonzero(~candidates[b]).flatten()
         tokens = plan.keep_tokens[b]
-        assert torch.equal(tokens, torch.sort(torch.cat([text, visual[plan.keep_visual[b]]])).values)
-
-
-def tokens_of(family, size) -> int:
-    return size[0] * size[1] // 4 if isinstance(size, tuple) else 16 * size
+        assert torch.equal(tokens, torch.sort(torch.cat([others, visual[plan.keep_visual[b]]])).values)
 
 
 def run(model, inputs, steps=3):
@@ -66,6 +66,7 @@ def test_every_method_on_every_family(case, method, budget):
     family, model = case
     shapes = shapes_of(family.name)
     inputs = family.inputs(model, shapes, seed=2)
+    candidates, sizes = family.visual_tokens(model, inputs, shapes)
     before = state(model)
     if vlprune.support_table()[method][family.name] == "no":
         with pytest.raises(ValueError, match=f"method '{method}'.*{family.name}|{family.name}.*'{method}'"):
@@ -76,9 +77,8 @@ def test_every_method_on_every_family(case, method, budget):
         logits, tokens = run(model, inputs)
         plans = list(pruned.plans)
         ids = inputs["input_ids"]
-        sizes = [[tokens_of(family, s) for s in shape[2]] for shape in shapes]
         stage = vlprune.Stage(method, **budget)
-        check_first_plan(plans[0], ids, sizes, stage.budget)
+        check_first_plan(plans[0], candidates, sizes, stage.budget)
         # forward equals the hand-written loop on the same inputs with the unpruned sequence's positions
         positions = family.positions(model, inputs)
         embeds = embed(model, ids, inputs["pixel_values"], **family.image_kwargs(inputs))
@@ -158,3 +158,84 @@ def test_qwen2_vl_original_positions_match_the_reference_and_renumbered_ones_dif
     # renumbered outputs are far outside the tolerance within which the default matches its reference
     assert not torch.allclose(outputs["renumber"][0], outputs["original"][1], rtol=1e-4, atol=1e-5)
     assert (outputs["renumber"][0] - outputs["original"][1]).abs().max() > 20 * 1e-5
+
+
+def packed_sources(size, pinpoints, side=4, tile_px=56) -> list[tuple[int, int]]:
+    """(tile, patch) of each visual token of a LLaVA-NeXT image of ``size`` (H, W) pixels, in the order the model
+    packs them, written out by hand: the base tile in raster order, then the rows of the tile grid that survive the
+    unpadding (the side that the image's aspect ratio leaves short loses equal margins)."""
+    height, width = size
+    rows, cols = select_best_resolution(size, pinpoints)
+    nh, nw = rows // tile_px, cols // tile_px
+    grid_h, grid_w = nh * side, nw * side
+    top, bottom, left, right = 0, grid_h, 0, grid_w
+    if width / height > grid_w / grid_h:
+        margin = (grid_h - round(height * grid_w / width)) // 2
+        top, bottom = margin, grid_h - margin
+    else:
+        margin = (grid_w - round(width * grid_h / height)) // 2
+        left, right = margin, grid_w - margin
+    out = [(0, p) for p in range(side * side)]
+    for r in range(top, bottom):
+        for c in range(left, right):
+            out.append((1 + (r // side) * nw + c // side, (r % side) * side + c % side))
+    return out
+
+
+def test_llava_next_cls_attention_follows_the_anyres_packing():
+    """FasterVLM on LLaVA-NeXT keeps, per image, the top [CLS]-attention patches over all its tiles, scored by the
+    tower's own attention maps and mapped to the packed tokens by hand (base tile, unpadded grid, no newlines)."""
+    family = FAMILIES["llava_next"]
+    model = family.build(layers=2, attn="eager")
+    shapes = SHAPES["llava_next"]
+    inputs = family.inputs(model, shapes, seed=3)
+    sizes = inputs["image_sizes"].tolist()
+    tiles = [len({t for t, _ in packed_sources(s, family.pinpoints)}) for s in sizes]
+    pixels = torch.cat([inputs["pixel_values"][i, :n] for i, n in enumerate(tiles)])
+    with torch.no_grad():
+        attentions = model.model.vision_tower(pixels, output_attentions=True).attentions
+    cls = attentions[0][:, :, 0, 1:].mean(1)  # feature layer -2 of a 2-layer tower: layer 0's output
+    starts = [sum(tiles[:i]) for i in range(len(tiles))]
+    scores = [
+        torch.stack([cls[start + t, p] for t, p in packed_sources(s, family.pinpoints)])
+        for s, start in zip(sizes, starts, strict=True)
+    ]
+    with vlprune.wrap(model, "fastervlm", keep=5) as pruned:
+        run(model, inputs, steps=1)
+        per_image = pruned.plans[0]
+    with vlprune.wrap(model, "fastervlm", keep=2, per="tile") as pruned:
+        run(model, inputs, steps=1)
+        per_tile = pruned.plans[0]
+    image = 0
+    for b, shape in enumerate(shapes):
+        offset = 0
+        for j in range(len(shape[2])):
+            kept = per_image.keep_visual[b][per_image.image_of[b] == j] - offset
+            assert torch.equal(kept, torch.sort(torch.topk(scores[image], 5).indices).values)
+            # per tile: the top 2 of each tile's own tokens (the base tile and every crop the unpadding left)
+            tile_of = torch.tensor([t for t, _ in packed_sources(sizes[image], family.pinpoints)])
+            expected = [
+                torch.nonzero(tile_of == t).flatten()[torch.topk(scores[image][tile_of == t], 2).indices]
+                for t in torch.unique(tile_of)
+            ]
+            kept = per_tile.keep_visual[b][per_tile.image_of[b] == j] - offset
+            assert torch.equal(kept, torch.sort(torch.cat(expected)).values)
+            offset += len(scores[image])
+            image += 1
+
+
+def test_per_tile_budgets_on_internvl():
+    """InternVL with ``per="tile"``: every tile of a multi-tile image keeps its own budget."""
+    family = FAMILIES["internvl"]
+    model = family.build(layers=2)
+    shapes = SHAPES["internvl"]
+    inputs = family.inputs(model, shapes, seed=5)
+    with vlprune.wrap(model, "divprune", keep=3, per="tile") as pruned:
+        run(model, inputs, steps=1)
+        plan = pruned.plans[0]
+    for b, shape in enumerate(shapes):
+        kept = plan.keep_visual[b]
+        tiles = [t for n in shape[2] for t in range(n)]  # one entry per tile, image by image
+        assert len(kept) == 3 * len(tiles)
+        tile = kept // 16  # 16 tokens per tile, tiles of the sample in order
+        assert torch.bincount(tile, minlength=len(tiles)).tolist() == [3] * len(tiles)

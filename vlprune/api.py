@@ -386,14 +386,15 @@ def _find_handle(model: nn.Module) -> Pruned | None:
     return None
 
 
-def _build_config(method, keep, ratio, layer, positions, params) -> PruneConfig:
-    overrides = {k: v for k, v in (("keep", keep), ("ratio", ratio), ("layer", layer)) if v is not None}
+def _build_config(method, keep, ratio, layer, positions, params, per=None) -> PruneConfig:
+    overrides = {k: v for k, v in (("keep", keep), ("ratio", ratio), ("layer", layer), ("per", per)) if v is not None}
     if isinstance(method, PruneConfig):
         config = method
     elif isinstance(method, (str, Path)):
         name = str(method)
         if isinstance(method, str) and name in list_methods():
-            return PruneConfig([Stage(name, keep=keep, ratio=ratio, layer=layer, params=dict(params))], positions)
+            stage = Stage(name, keep=keep, ratio=ratio, layer=layer, params=dict(params), per=per or "image")
+            return PruneConfig([stage], positions)
         if isinstance(method, str) and name not in preset_names() and not Path(name).exists():
             raise ValueError(
                 f"unknown method {name!r}; available methods: {list_methods()}; presets: {preset_names()}; "
@@ -405,7 +406,7 @@ def _build_config(method, keep, ratio, layer, positions, params) -> PruneConfig:
     if overrides or params:
         if len(config.stages) != 1:
             raise ValueError(
-                f"keep/ratio/layer/params override a single-stage method; {config.name!r} has "
+                f"keep/ratio/layer/per/params override a single-stage method; {config.name!r} has "
                 f"{len(config.stages)} stages: edit its PruneConfig instead"
             )
         stage = config.stages[0]
@@ -415,7 +416,11 @@ def _build_config(method, keep, ratio, layer, positions, params) -> PruneConfig:
             else {"keep": stage.keep, "ratio": stage.ratio}
         )
         stage = Stage(
-            stage.method, **budget, layer=overrides.get("layer", stage.layer), params={**stage.params, **params}
+            stage.method,
+            **budget,
+            layer=overrides.get("layer", stage.layer),
+            params={**stage.params, **params},
+            per=overrides.get("per", stage.per),
         )
         config = PruneConfig([stage], config.positions, config.name)
     return PruneConfig(list(config.stages), positions if positions != "original" else config.positions, config.name)
@@ -429,6 +434,7 @@ def wrap(
     ratio: float | None = None,
     layer: int | None = None,
     positions: str = "original",
+    per: str | None = None,
     **params: Any,
 ) -> Pruned:
     """Prune or merge the visual tokens of ``model`` during its ``forward`` and ``generate``.
@@ -447,6 +453,9 @@ def wrap(
         First decoder layer that sees only the kept tokens (0 = before the LLM); default: the method's own.
     positions : {"original", "renumber"}
         Keep the kept tokens' original position ids (default) or renumber them contiguously (ablation).
+    per : {"image", "tile"}, optional
+        What ``keep`` / ``ratio`` apply to: each image (default) or each tile of a tiled image (LLaVA-NeXT,
+        LLaVA-OneVision, InternVL), chosen tile by tile.
     **params
         The method's hyper-parameters.
 
@@ -457,8 +466,8 @@ def wrap(
 
     Notes
     -----
-    With a preset or ``PruneConfig``, ``keep`` / ``ratio`` / ``layer`` / ``**params`` override its single stage, and
-    ``positions="renumber"`` overrides the preset's ``positions``.
+    With a preset or ``PruneConfig``, ``keep`` / ``ratio`` / ``layer`` / ``per`` / ``**params`` override its single
+    stage, and ``positions="renumber"`` overrides the preset's ``positions``.
 
     Raises
     ------
@@ -470,7 +479,7 @@ def wrap(
     existing = _find_handle(model)
     if existing is not None:
         raise ValueError(f"this model is already wrapped ({existing!r}); call .unwrap() or vlprune.unwrap(model) first")
-    config = _build_config(method, keep, ratio, layer, positions, params)
+    config = _build_config(method, keep, ratio, layer, positions, params, per)
     adapter = adapter_class(getattr(model.config, "model_type", None))(model)
     stages = resolve(config, adapter)
     handle = Pruned(model, config, adapter, stages)

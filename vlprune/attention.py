@@ -109,7 +109,7 @@ def text_attention(query, key, scaling, key_mask, rows: torch.Tensor, layouts) -
         if layout.positions.numel() == 0:
             out.append((torch.zeros(0, dtype=torch.long), query.new_zeros(0, key.shape[2])))
             continue
-        after = (row > layout.positions[0]) & ~torch.isin(row, layout.positions)
+        after = (row > layout.positions[0]) & ~torch.isin(row, layout.positions) & ~torch.isin(row, layout.fixed)
         if key_mask is not None:
             after &= key_mask[b].cpu()
         slots = torch.nonzero(after).flatten()

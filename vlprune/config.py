@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 POSITION_MODES = ("original", "renumber")
+BUDGET_UNITS = ("image", "tile")
 
 
 @dataclass
@@ -34,6 +35,11 @@ class Stage:
         ("pre-LLM"), ``K > 0`` lets layers ``0..K-1`` see every token. ``None`` takes the selector's default.
     params : dict
         Keyword arguments of the selector (its dataclass fields).
+    per : {"image", "tile"}
+        ``"image"`` (default): the budget applies to each image, across all its tiles. ``"tile"``: to each tile of an
+        image that the model tiles (LLaVA-NeXT's base tile and crops, InternVL's tiles), each chosen on its own, as
+        some papers do on LLaVA-NeXT; on models without tiles the two are the same. Vision-space stages (VisionZip,
+        FlowCut) choose per image tensor the tower sees either way.
     """
 
     method: str
@@ -41,6 +47,7 @@ class Stage:
     ratio: float | None = None
     layer: int | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    per: str = "image"
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or not self.method:
@@ -67,9 +74,11 @@ class Stage:
                 raise ValueError(f"layer must be >= 0 (0 = before the LLM), got {self.layer}")
         if not isinstance(self.params, dict):
             raise TypeError(f"Stage.params must be a dict, got {type(self.params).__name__}")
+        if self.per not in BUDGET_UNITS:
+            raise ValueError(f"per must be one of {BUDGET_UNITS}, got {self.per!r}")
 
     def budget(self, available: int) -> int:
-        """Number of tokens to keep out of ``available`` (one image's candidate tokens)."""
+        """Number of tokens to keep out of ``available`` (the candidate tokens of one image, or one tile)."""
         if available <= 0:
             return 0
         if self.keep is not None:

@@ -34,6 +34,9 @@ class KeepPlan:
     merge_weight : list of Tensor
         Per sample, the weight of each visual token in the token it went into (``1`` when kept as is, ``0`` when
         discarded).
+    visual_rows : list of LongTensor
+        Per sample, the input-sequence index of each of its ``num_visual`` visual tokens. Image placeholders that
+        are always kept and are not candidates (LLaVA-NeXT's row-end newlines) are not visual tokens.
     space : str
         Where the values were combined: ``"llm"`` (decoder hidden states before ``layer``) or ``"vision"`` (the
         projector's input; VisionZip's [CLS] token, not a placeholder, is then a further unlisted source).
@@ -48,6 +51,7 @@ class KeepPlan:
     merged_into: list[torch.Tensor]
     merge_weight: list[torch.Tensor]
     space: str = "llm"
+    visual_rows: list[torch.Tensor] | None = None
 
     @property
     def kept_per_sample(self) -> list[int]:

@@ -26,14 +26,26 @@ class ResolvedStage:
 @dataclass
 class SampleLayout:
     """Where one sample's visual tokens are: ``positions`` (n,) in the input sequence, the ``image_of`` each (n,)
-    (ordinal within the sample), its ``local`` raster index within that image (n,), and per image of the sample its
-    global index in the batch's feature tensors (``images``) and token grid (``grids``)."""
+    (ordinal within the sample), its ``local`` index within that image (n,), and per image of the sample its global
+    index in the batch's feature tensors (``images``) and token grid (``grids``). ``fixed``: positions of image
+    placeholders that are always kept and are not candidates (LLaVA-NeXT's row-end newlines); they count neither as
+    visual tokens nor as text. For tiled images, ``tile_of`` (n,) gives each visual token's tile within its image and
+    ``tile_grids`` per image the token grid of each tile (budgets ``per="tile"``)."""
 
     positions: torch.Tensor
     image_of: torch.Tensor
     local: torch.Tensor
     images: list[int]
     grids: list[tuple[int, int] | None]
+    fixed: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    tile_of: torch.Tensor | None = None
+    tile_grids: list[list[tuple[int, int] | None]] | None = None
+
+    def units(self, j: int, per: str) -> list[tuple[torch.Tensor | None, tuple[int, int] | None]]:
+        """The budget units of image ``j``: ``(tile mask over the sample's visual tokens or None, grid)`` each."""
+        if per == "tile" and self.tile_of is not None:
+            return [(self.tile_of == t, grid) for t, grid in enumerate(self.tile_grids[j])]
+        return [(None, self.grids[j])]
 
 
 def resolve(config: PruneConfig, adapter) -> list[ResolvedStage]:
@@ -121,10 +133,10 @@ def _tokenwise(view: TokenView, inputs: StageInputs, b: int, slots: torch.Tensor
             view.llm_keys[key] = value[b][slots.to(value.device)]
 
 
-def _view(rs: ResolvedStage, inputs: StageInputs, layout, b: int, j: int, slots, local, text_slots, wanted):
+def _view(inputs: StageInputs, layout, b: int, j: int, grid, slots, local, text_slots, wanted):
     image = layout.images[j]
     vision, row = inputs.vision, inputs.rows[b].cpu()
-    view = TokenView(index=local, grid=layout.grids[j], image=j)
+    view = TokenView(index=local, grid=grid, image=j)
     if ("features", None) in wanted:
         view.all_features = vision["features"][image]
         view.features = view.all_features[local.to(view.all_features.device)]
@@ -133,7 +145,8 @@ def _view(rs: ResolvedStage, inputs: StageInputs, layout, b: int, j: int, slots,
             scores = scores[image]  # (N,) of this image (per-image tensors or a list of them)
             view.cls_attention[key] = scores[local.to(scores.device)]
     if wanted & {("vision_hidden", None), ("projector", None)}:
-        view.vision_hidden = vision["vision_hidden"][image][local.to(vision["vision_hidden"].device)]
+        hidden = vision["vision_hidden"][image]  # (N, Dv) of this image
+        view.vision_hidden = hidden[local.to(hidden.device)]
         view.project = vision.get("project")
     for key, scores in inputs.llm.items():
         if ("llm_attention", key) in wanted:
@@ -173,12 +186,19 @@ def decide(rs: ResolvedStage, inputs: StageInputs, layouts: list[SampleLayout]):
             slot_visual &= layout.positions[found] == row
         slot_ordinal = torch.where(slot_visual, found, -1)  # (Lc,) index into the sample's visual tokens
         text = (row >= 0) & ~slot_visual
-        kept = [torch.nonzero(text).flatten()]  # text (and the input's padding) stays
+        kept = [torch.nonzero(text).flatten()]  # text, fixed placeholders and the input's padding stay
+        text &= ~torch.isin(row, layout.fixed)
         into_b = torch.full((nvis,), -1, dtype=torch.long)
         weight_b = torch.zeros(nvis)
         src, dst, wts = [], [], []
+        units = []
         for j, image in enumerate(layout.images):
-            slots = torch.nonzero(slot_visual & (layout.image_of[slot_ordinal.clamp(min=0)] == j)).flatten()
+            in_image = slot_visual & (layout.image_of[slot_ordinal.clamp(min=0)] == j)
+            per = "image" if decided is not None else rs.stage.per
+            for tile, grid in layout.units(j, per):
+                in_unit = in_image if tile is None else in_image & tile[slot_ordinal.clamp(min=0)]
+                units.append((j, image, grid, torch.nonzero(in_unit).flatten()))
+        for j, image, grid, slots in units:
             if slots.numel() == 0:
                 continue
             local = layout.local[slot_ordinal[slots]]
@@ -189,7 +209,7 @@ def decide(rs: ResolvedStage, inputs: StageInputs, layouts: list[SampleLayout]):
                 sources = int(chosen.into.numel()) if chosen.into is not None else slots.numel()
             else:
                 text_slots = torch.nonzero(text & (torch.arange(row.numel()) > slots.max())).flatten()
-                view = _view(rs, inputs, layout, b, j, slots, local, text_slots, wanted)
+                view = _view(inputs, layout, b, j, grid, slots, local, text_slots, wanted)
                 chosen, sources = rs.selector.select(view, k), view.n
                 k = min(rs.selector.count(view, k), view.n)
             selection = check_selection(rs.stage.method, chosen, slots.numel(), sources, k)
@@ -223,6 +243,7 @@ def decide(rs: ResolvedStage, inputs: StageInputs, layouts: list[SampleLayout]):
         keep_tokens=keep_tokens,
         image_of=image_of,
         num_visual=[int(layout.positions.numel()) for layout in layouts],
+        visual_rows=[layout.positions for layout in layouts],
         merged_into=merged_into,
         merge_weight=merge_weight,
         space=rs.selector.space,
