@@ -21,6 +21,7 @@ class Adapter:
 
     model_type: ClassVar[str] = ""
     name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line for `vlprune models`
     # Signals this family provides: "yes", or "substitute: <what stands in, and who used it>". Others: a clear error
     # naming the model and the method. ``vlprune.support_table()`` (and the README's table) is derived from this.
     signals: ClassVar[dict[str, str]] = {}

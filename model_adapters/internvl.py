@@ -30,6 +30,7 @@ class InternVLAdapter(Adapter):
     decoder-side signal, ``grid`` (single-tile images)."""
 
     model_type = "internvl"
+    summary = "InternVL 2.5 / 3: InternViT with [CLS], pixel shuffle, tiles sharing the budget"
     signals = {name: "yes" for name in SUPPORTED}
 
     def __init__(self, model: nn.Module) -> None:

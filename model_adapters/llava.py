@@ -21,6 +21,7 @@ class LlavaAdapter(Adapter):
     """Signals: ``features`` (projector output), ``cls_attention`` (CLIP towers), ``llm_attention``, ``grid``."""
 
     model_type = "llava"
+    summary = "LLaVA-1.5 and other llava-hf conversions: CLIP (or SigLIP) tower, projector, Llama-like decoder"
     signals = {name: "yes" for name in SIGNALS}  # [CLS] signals need a CLIP tower (checked per model)
 
     def __init__(self, model: nn.Module) -> None:

@@ -41,6 +41,7 @@ class LlavaNextAdapter(LlavaAdapter):
     mapped from each tile to the packed tokens, every decoder-side signal, ``grid`` (single-tile images)."""
 
     model_type = "llava_next"
+    summary = "LLaVA-NeXT / 1.6: anyres tiles packed with row-end newlines (never pruned)"
     signals = {name: "yes" for name in SIGNALS if name not in TILE_LEVEL}
 
     def __init__(self, model: nn.Module) -> None:

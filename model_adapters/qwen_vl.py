@@ -31,6 +31,7 @@ class Qwen2VLAdapter(Adapter):
     """Signals: ``features`` (merger output, raster order), every decoder-side signal, ``grid``. No [CLS]."""
 
     model_type = "qwen2_vl"
+    summary = "Qwen2-VL: images of any size, 2 x 2 merger, M-RoPE positions kept"
     signals = {name: "yes" for name in SUPPORTED}
 
     def __init__(self, model: nn.Module) -> None:
@@ -98,6 +99,7 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
     """Qwen2.5-VL: as Qwen2-VL (window attention inside the tower does not change the merger's raster output)."""
 
     model_type = "qwen2_5_vl"
+    summary = "Qwen2.5-VL: as Qwen2-VL, window attention inside the tower"
 
 
 @register_adapter("qwen3_vl")
@@ -108,6 +110,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     slot it keeps), so a stage before or between those layers keeps them consistent."""
 
     model_type = "qwen3_vl"
+    summary = "Qwen3-VL: as Qwen2-VL, DeepStack features follow the kept tokens"
 
     def install_language(self, hooks: HookSet, current_rows, in_prefill) -> None:
         saved: dict = {}

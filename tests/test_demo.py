@@ -1,0 +1,98 @@
+"""Browser test of the Gradio demo: headless Chromium (Debian's ``chromium`` and ``chromium-driver``) driven by
+Selenium. It starts the demo on 127.0.0.1, clicks a bundled example, picks two methods, runs them, and checks that
+both overlays and answers appear; the screenshot is saved as ``demo.png`` under ``$VLPRUNE_ARTIFACTS`` (default:
+pytest's temporary folder).
+
+Without Chromium, Selenium or Gradio the test is skipped, unless ``VLPRUNE_REQUIRE_BROWSER=1`` (set by ``.ci/run``,
+which installs them), where a missing piece is a failure.
+"""
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from vlprune import embedded
+
+REQUIRED = os.environ.get("VLPRUNE_REQUIRE_BROWSER") == "1"
+
+
+def need(condition: bool, what: str):
+    if not condition:
+        if REQUIRED:
+            pytest.fail(f"{what} is missing and VLPRUNE_REQUIRE_BROWSER=1")
+        pytest.skip(f"{what} is not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_demo_in_headless_chromium(tmp_path):
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    need(chromium is not None and driver_path is not None, "Debian's chromium / chromium-driver")
+    try:
+        import gradio  # noqa: F401
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support import expected_conditions
+        from selenium.webdriver.support.ui import WebDriverWait
+    except ImportError as error:
+        need(False, f"the demo's Python packages ({error.name})")
+    from vlprune import demo
+
+    example = json.loads((embedded.default_path().parent / "examples" / "examples.json").read_text())[0]
+    port = free_port()
+    app = demo.launch(port=port, block=False)
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1100",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, "#examples td"))).click()
+        question = browser.find_element(By.CSS_SELECTOR, "#question textarea")
+        wait.until(lambda _: question.get_attribute("value") == example["question"])
+        for box in browser.find_elements(By.CSS_SELECTOR, "#methods input[type=checkbox]"):
+            if box.is_selected() != (box.get_attribute("name") in ("fastv", "fastervlm")):
+                box.find_element(By.XPATH, "..").click()
+        browser.find_element(By.ID, "run").click()
+        wait.until(lambda b: "fastervlm" in b.find_element(By.ID, "results").text)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) >= 3)
+        time.sleep(0.5)
+        cells = browser.find_element(By.ID, "results").text.split()  # header, then each row's five cells
+        start = cells.index("unpruned")
+        rows = [cells[i : i + 5] for i in range(start, start + 15, 5)]
+        captions = browser.find_element(By.ID, "gallery").text
+        artifacts = Path(os.environ.get("VLPRUNE_ARTIFACTS", tmp_path))
+        artifacts.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(artifacts / "demo.png"))
+    finally:
+        browser.quit()
+        app.close()
+    assert [r[0] for r in rows] == ["unpruned", "fastv", "fastervlm"], rows
+    assert rows[0][1] == example["answer"], rows  # the unpruned answer is right
+    assert [r[2] for r in rows] == ["144/144", "36/144", "36/144"], rows
+    assert all(r[1] in embedded.build_tokenizer().get_vocab() for r in rows), rows  # an answer in each row
+    assert all(f"{m}:" in captions for m in ("unpruned", "fastv", "fastervlm")), captions  # one overlay each
+    assert (artifacts / "demo.png").stat().st_size > 10_000

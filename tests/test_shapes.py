@@ -1,0 +1,169 @@
+"""The synthetic shapes task, the embedded model trained on it, and the ``vlprune`` command."""
+
+import csv
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import vlprune
+from vlprune import bench, cli, embedded, shapes, train
+
+
+def test_scenes_are_deterministic_and_splits_never_share_one():
+    a, b = shapes.sample(123), shapes.sample(123)
+    assert (a.question, a.answer) == (b.question, b.answer)
+    assert np.array_equal(np.asarray(shapes.render(a.scene)), np.asarray(shapes.render(b.scene)))
+    seeds = {name: {s.seed for s in shapes.split(name, 300)} for name in ("validation", "test")}
+    train_seeds = set(range(shapes.SPLITS["train"], shapes.SPLITS["train"] + 300))
+    assert not (seeds["validation"] & seeds["test"]) and not (train_seeds & (seeds["validation"] | seeds["test"]))
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        shapes.split("dev", 3)
+    with pytest.raises(ValueError, match="unknown question type 'size'"):
+        shapes.ask(a.scene, "size", __import__("random").Random(0))
+
+
+def test_every_answer_follows_from_the_scene():
+    """Answers recomputed from the scene's objects by hand, one rule per question form."""
+    for s in shapes.split("test", 300):
+        things, words = s.scene.things, s.question.split()
+        if s.kind == "count":
+            if words[2] == "objects":
+                expected = len(things)
+            elif words[2] in shapes.COLORS:
+                expected = sum(t.color == words[2] for t in things)
+            else:
+                expected = sum(t.shape + "s" == words[2] for t in things)
+            assert s.answer == shapes.NUMBERS[expected]
+        elif s.kind == "color":
+            (match,) = [t for t in things if t.shape == words[4]]
+            assert s.answer == match.color
+        elif s.kind == "shape":
+            (match,) = [t for t in things if t.color == words[4]]
+            assert s.answer == match.shape
+        elif s.kind == "position" and words[0] == "where":
+            (match,) = [t for t in things if (t.color, t.shape) == (words[3], words[4])]
+            column = "left" if match.x < shapes.SIZE / 2 else "right"
+            row = "top" if match.y < shapes.SIZE / 2 else "bottom"
+            assert s.answer == f"{row}-{column}"
+        elif s.kind == "letter":
+            assert s.answer == s.scene.letter.color.lower()
+        # every object lies in one quadrant: clear of the middle lines
+        for t in things:
+            x0, y0, x1, y1 = t.box()
+            assert (x1 < shapes.SIZE // 2 or x0 >= shapes.SIZE // 2) and (
+                y1 < shapes.SIZE // 2 or y0 >= shapes.SIZE // 2
+            )
+    vocabulary = set(shapes.vocabulary())
+    for s in shapes.split("validation", 300):
+        assert set(embedded.prompt(s.question).split()[1:]) <= vocabulary and s.answer in vocabulary
+
+
+def test_patch_labels_mark_the_patches_under_an_object():
+    s = shapes.sample(7).scene
+    objects, _ = shapes.patch_labels(s)
+    side = shapes.SIZE // shapes.PATCH
+    for t in s.things:
+        centre = (t.y // shapes.PATCH) * side + t.x // shapes.PATCH
+        colour = list(shapes.COLORS).index(t.color)
+        assert objects[centre] == 1 + colour * len(shapes.SHAPES) + shapes.SHAPES.index(t.shape)
+    assert objects.count(0) > len(objects) // 2  # small objects on a large background
+
+
+def test_training_inputs_match_the_processor():
+    """The training script's pixels and token ids equal what the shipped processor gives at inference."""
+    processor = embedded.build_processor()
+    s = shapes.split("validation", 1)[0]
+    image = shapes.render(s.scene)
+    inputs = processor(images=image, text=embedded.prompt(s.question), return_tensors="pt")
+    b = train.batch([s], processor.tokenizer.get_vocab())
+    assert torch.equal(inputs["pixel_values"], b["pixels"])
+    prompt_length = inputs["input_ids"].shape[1]
+    assert torch.equal(inputs["input_ids"][0], b["ids"][0, :prompt_length])
+    assert (inputs["input_ids"] == embedded.IMAGE).sum() == 144
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return embedded.load_default_model()
+
+
+def test_shipped_model_meets_the_accuracy_bar(shipped):
+    """The shipped weights answer a sample of the held-out test split (20 questions per type) by greedy
+    generation through the processor; the full split's numbers are in the README."""
+    model, processor = shipped
+    samples = shapes.split("test", 120, start=1000)
+    got = bench.answers(model, processor, samples, batch=60)
+    row = bench.score(samples, got)
+    assert row["accuracy"] >= 0.9, row
+    assert all(row[f"accuracy_{kind}"] >= 0.75 for kind in shapes.QUESTION_TYPES), row
+
+
+def test_cli_run_answers_the_readme_example(shipped, tmp_path, capsys):
+    example = json.loads((embedded.default_path().parent / "examples" / "examples.json").read_text())[0]
+    image = embedded.default_path().parent / "examples" / example["image"]
+    code = cli.main(
+        [
+            "run",
+            "--image",
+            str(image),
+            "--question",
+            example["question"],
+            "--methods",
+            "fastv,divprune",
+            "--keep",
+            "36",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    unpruned = next(line for line in lines if line.startswith("unpruned"))
+    assert unpruned.split()[1] == example["answer"] and "144/144" in unpruned
+    for method in ("fastv", "divprune"):
+        row = next(line for line in lines if line.startswith(method))
+        assert "36/144" in row and (tmp_path / f"{method}.png").is_file()
+
+
+def test_cli_errors_and_listings(capsys, tmp_path):
+    with pytest.raises(SystemExit, match=r"unknown method\(s\) \['fastest'\]"):
+        cli.main(["run", "--image", "x.png", "--question", "q", "--methods", "fastest"])
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in vlprune.list_methods())
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in vlprune.list_models())
+    assert cli.main(["run", "--image", str(tmp_path / "none.png"), "--question", "q"]) == 2
+
+
+def test_overlay_dims_dropped_tokens_and_tints_merge_groups():
+    image = shapes.render(shapes.sample(3).scene)
+    n = 144
+    into = torch.full((n,), -1)
+    into[[0, 5]] = torch.tensor([0, 5])
+    into[1] = 0  # merged into token 0
+    plan = vlprune.KeepPlan(
+        0, "x", [torch.tensor([0, 5])], [torch.tensor([0])], [torch.tensor([0, 0])], [n], [into], [torch.ones(n)]
+    )
+    picture = np.asarray(cli.overlay(image, plan)).astype(int)
+    original = np.asarray(image.resize((384, 384))).astype(int)
+    cell = 384 // 12
+    dropped = picture[5 * cell + 10, 5 * cell + 10] - original[5 * cell + 10, 5 * cell + 10]
+    assert (dropped < 0).all()  # dimmed
+    merged = picture[10, cell + 10] - original[10, cell + 10]
+    assert merged.any() and not (picture[10, 2 * cell + 10] == original[10, 2 * cell + 10]).all()
+    assert cli.overlay(image, vlprune.KeepPlan(0, "x", [torch.tensor([0])], [], [], [10], [into[:10]], [])) is None
+
+
+def test_bench_writes_csv_and_table(shipped, tmp_path):
+    args = SimpleNamespace(model=None, methods="fastv,divprune", fractions="0.25", samples=12, out=str(tmp_path))
+    rows = bench.shapes_table(args)
+    assert [r["method"] for r in rows] == ["unpruned", "fastv", "divprune"]
+    with open(tmp_path / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    table = (tmp_path / "table.md").read_text()
+    assert "| `fastv` |" in table and "25% (36 tok)" in table

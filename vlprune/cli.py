@@ -1,0 +1,256 @@
+"""The ``vlprune`` command: ``run`` (answer a question about an image with several methods side by side), ``methods``
+and ``models`` (the registries), ``bench`` (the shapes quality table) and ``demo`` (the Gradio app).
+
+Every command runs on the embedded model (:mod:`vlprune.embedded`) unless ``--model`` names another checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import embedded
+from .api import wrap
+from .registry import adapter_class, list_methods, list_models, selector_class
+
+DEFAULT_METHODS = ("fastv", "divprune", "fastervlm", "visionzip")
+
+
+# --- models and prompts ----------------------------------------------------------------------------------------
+@dataclass
+class Loaded:
+    """A model, its processor and how to build its inputs."""
+
+    model: torch.nn.Module
+    processor: object
+    name: str
+    is_embedded: bool
+
+    def inputs(self, image, question: str) -> dict:
+        if self.is_embedded:
+            return dict(self.processor(images=image, text=embedded.prompt(question), return_tensors="pt"))
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return dict(self.processor(images=image, text=text, return_tensors="pt"))
+
+    def decode(self, ids: torch.Tensor) -> str:
+        return self.processor.decode(ids, skip_special_tokens=True).strip()
+
+
+def load(model: str | None) -> Loaded:
+    """The embedded model (``None``) or a local / hub checkpoint of a supported family."""
+    if model is None:
+        net, processor = embedded.load_default_model()
+        return Loaded(net, processor, "embedded shapes-vlm", True)
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    config = AutoConfig.from_pretrained(model)
+    if config.model_type not in list_models():
+        raise ValueError(f"model {model!r} is a {config.model_type!r} model; supported: {list_models()}")
+    net = AutoModelForImageTextToText.from_pretrained(model, dtype="auto").eval()
+    return Loaded(net, AutoProcessor.from_pretrained(model), model, False)
+
+
+def fitted(method: str, model) -> dict:
+    """Keyword arguments that fit ``method``'s defaults to a model smaller than the papers' (the embedded model has
+    4 decoder and 4 vision layers): a default decoder layer beyond the model moves to its middle, VTC-CLS starts at
+    vision layer 0."""
+    selector = selector_class(method)
+    out = {}
+    layers = model.config.text_config.num_hidden_layers
+    if selector.default_layer >= layers:
+        out["layer"] = max(1, layers // 2)
+    if method == "vtc_cls" and model.config.vision_config.num_hidden_layers <= 16:
+        out["start_layer"] = 0
+    return out
+
+
+def budget_of(args) -> dict:
+    """``--ratio`` when given, else ``--keep`` (default 64 tokens per image)."""
+    return {"ratio": args.ratio} if args.ratio is not None else {"keep": args.keep if args.keep is not None else 64}
+
+
+# --- measuring ---------------------------------------------------------------------------------------------------
+def prefill_seconds(model, inputs: dict, repeats: int = 3) -> float:
+    """Median time of a forward over the prompt, after one warm-up run."""
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            model(**inputs)
+            if i:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def generate(model, inputs: dict, max_new_tokens: int) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1] :]
+
+
+@dataclass
+class Outcome:
+    method: str
+    answer: str
+    kept: int
+    total: int
+    seconds: float
+    plan: object | None
+
+
+def compare(loaded: Loaded, image, question: str, methods, budget: dict, max_new_tokens: int = 8):
+    """The unpruned model and each method on one image and question: answers, tokens kept, prefill time."""
+    model = loaded.model
+    inputs = loaded.inputs(image, question)
+    outcomes = []
+    seconds = prefill_seconds(model, inputs)
+    total = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    outcomes.append(
+        Outcome("unpruned", loaded.decode(generate(model, inputs, max_new_tokens)), total, total, seconds, None)
+    )
+    for method in methods:
+        with wrap(model, method, **budget, **fitted(method, model)) as pruned:
+            answer = loaded.decode(generate(model, inputs, max_new_tokens))
+            plan = pruned.plans[-1]
+            seconds = prefill_seconds(model, inputs)
+        outcomes.append(Outcome(method, answer, sum(plan.kept_per_sample), plan.num_visual[0], seconds, plan))
+    return outcomes
+
+
+# --- overlays ----------------------------------------------------------------------------------------------------
+def overlay(image, plan, grid: tuple[int, int] | None = None):
+    """The image with the dropped tokens' patches dimmed and, for merging methods, each kept token's group tinted
+    in its own colour. ``None`` when the tokens do not form one square grid per image (anyres, Qwen-VL sizes)."""
+    from PIL import Image, ImageDraw
+
+    n = plan.num_visual[0]
+    side = round(n**0.5)
+    h, w = grid or (side, side)
+    if h * w != n:
+        return None
+    scale = max(1, 384 // max(image.size))
+    base = image.convert("RGB").resize((image.size[0] * scale, image.size[1] * scale), Image.NEAREST)
+    cell_w, cell_h = base.size[0] / w, base.size[1] / h
+    shade = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(shade)
+    into = plan.merged_into[0]
+    kept = set(plan.keep_visual[0].tolist())
+    palette = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
+    for token in range(n):
+        r, c = divmod(token, w)
+        box = (c * cell_w, r * cell_h, (c + 1) * cell_w - 1, (r + 1) * cell_h - 1)
+        target = int(into[token])
+        if token in kept:
+            draw.rectangle(box, outline=(255, 255, 0, 255), width=2)
+        elif target >= 0:  # merged into a kept token
+            color = palette[sorted(kept).index(target) % len(palette)] if target in kept else (128, 128, 128)
+            draw.rectangle(box, fill=(*color, 110))
+        else:
+            draw.rectangle(box, fill=(0, 0, 0, 150))
+    return Image.alpha_composite(base.convert("RGBA"), shade).convert("RGB")
+
+
+# --- commands ----------------------------------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    from PIL import Image
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in list_methods()]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; available: {', '.join(list_methods())}")
+    image = Image.open(args.image).convert("RGB")
+    loaded = load(args.model)
+    outcomes = compare(loaded, image, args.question, methods, budget_of(args), args.max_new_tokens)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = outcomes[0].seconds
+    print(f"model: {loaded.name}    question: {args.question}")
+    print(f"{'method':<12} {'answer':<20} {'tokens kept':>12} {'prefill ms':>11} {'speed-up':>9}  overlay")
+    for o in outcomes:
+        path = ""
+        if o.plan is not None:
+            picture = overlay(image, o.plan)
+            if picture is not None:
+                path = str(out / f"{o.method}.png")
+                picture.save(path)
+        kept = f"{o.kept}/{o.total}"
+        print(f"{o.method:<12} {o.answer:<20} {kept:>12} {o.seconds * 1e3:>11.1f} {base / o.seconds:>8.2f}x  {path}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    for name in list_methods():
+        print(f"{name:<12} {selector_class(name).summary}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    for name in list_models():
+        print(f"{name:<16} {adapter_class(name).summary}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import shapes_table
+
+    shapes_table(args)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import launch
+
+    launch(model=args.model, host=args.host, port=args.port)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="vlprune", description="Visual-token pruning for vision-language models")
+    sub = root.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="answer a question with several methods side by side")
+    run.add_argument("--image", required=True, help="path of an image")
+    run.add_argument("--question", required=True)
+    run.add_argument("--model", default=None, help="hub id or path (default: the embedded shapes model)")
+    run.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated method names")
+    budget = run.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=int, default=None, help="visual tokens kept per image (default 64)")
+    budget.add_argument("--ratio", type=float, default=None, help="fraction of the visual tokens kept per image")
+    run.add_argument("--out", default="vlprune-run", help="folder for the overlay PNGs")
+    run.add_argument("--max-new-tokens", type=int, default=8)
+    run.set_defaults(func=cmd_run)
+    sub.add_parser("methods", help="list the methods").set_defaults(func=cmd_methods)
+    sub.add_parser("models", help="list the supported model families").set_defaults(func=cmd_models)
+    bench = sub.add_parser("bench", help="quality table of every method on the shapes test split")
+    bench.add_argument("--suite", default="shapes", choices=["shapes"])
+    bench.add_argument("--model", default=None)
+    bench.add_argument("--samples", type=int, default=600, help="test questions (100 per question type)")
+    bench.add_argument("--fractions", default="0.5,0.25,0.11", help="kept fractions of the visual tokens")
+    bench.add_argument("--methods", default=None, help="comma-separated (default: every method)")
+    bench.add_argument("--out", default="vlprune-bench")
+    bench.set_defaults(func=cmd_bench)
+    demo = sub.add_parser("demo", help="the Gradio demo")
+    demo.add_argument("--model", default=None)
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.set_defaults(func=cmd_demo)
+    return root
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"vlprune: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""The Gradio demo: an image (or one of the bundled shapes examples), a question, some methods and a budget; per
+method, side by side with the unpruned model, the overlay of the tokens it kept, its answer, the tokens kept and
+the prefill time. ``vlprune demo`` starts it (needs ``pip install 'vlprune[demo]'``)."""
+
+from __future__ import annotations
+
+import json
+
+from . import embedded
+from .registry import list_methods
+from .support import support
+
+DEFAULT = ["fastv", "divprune"]
+
+
+def examples() -> list[list[str]]:
+    """``[image path, question]`` of each bundled example (held-out shapes test scenes)."""
+    folder = embedded.default_path().parent / "examples"
+    listing = json.loads((folder / "examples.json").read_text())
+    return [[str(folder / e["image"]), e["question"]] for e in listing]
+
+
+def build(model: str | None = None):
+    """The ``gradio.Blocks`` app for ``model`` (default: the embedded one)."""
+    import gradio as gr
+
+    from .cli import compare, load, overlay
+
+    loaded = load(model)
+    model_type = loaded.model.config.model_type
+    methods = [m for m in list_methods() if support(m, model_type) != "no"]
+
+    def run(image, question, chosen, keep):
+        if image is None or not question or not question.strip():
+            raise gr.Error("give an image and a question")
+        outcomes = compare(loaded, image.convert("RGB"), question, chosen or [], {"keep": int(keep)})
+        base = outcomes[0].seconds
+        gallery, rows = [], []
+        for o in outcomes:
+            picture = image if o.plan is None else overlay(image, o.plan)
+            caption = f"{o.method}: {o.answer} ({o.kept}/{o.total} tokens, {o.seconds * 1e3:.0f} ms)"
+            if picture is not None:
+                gallery.append((picture, caption))
+            rows.append(
+                [o.method, o.answer, f"{o.kept}/{o.total}", round(o.seconds * 1e3, 1), round(base / o.seconds, 2)]
+            )
+        return gallery, rows
+
+    with gr.Blocks(title="vlprune") as app:
+        gr.Markdown(
+            f"# vlprune\nModel: **{loaded.name}**. Which visual tokens does each method keep, what does the model "
+            "answer, and how long does the prefill take? Kept tokens are outlined, dropped ones dimmed, merged ones "
+            "tinted by the token they went into."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(type="pil", label="image", elem_id="image")
+                question = gr.Textbox(label="question", elem_id="question")
+                chosen = gr.CheckboxGroup(
+                    methods, value=[m for m in DEFAULT if m in methods], label="methods", elem_id="methods"
+                )
+                keep = gr.Slider(1, 576, value=36, step=1, label="visual tokens kept per image", elem_id="keep")
+                button = gr.Button("Run", variant="primary", elem_id="run")
+                if loaded.is_embedded:
+                    gr.Examples(examples(), [image, question], elem_id="examples")
+            with gr.Column(scale=2):
+                gallery = gr.Gallery(label="kept tokens", columns=3, elem_id="gallery")
+                table = gr.Dataframe(
+                    headers=["method", "answer", "tokens kept", "prefill ms", "speed-up"],
+                    label="results",
+                    elem_id="results",
+                )
+        button.click(run, [image, question, chosen, keep], [gallery, table])
+    return app
+
+
+def launch(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
+    """Start the demo on ``host:port``; with ``block=False`` return the running app (tests)."""
+    app = build(model)
+    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True)
+    return app
