@@ -5,8 +5,9 @@
 
 Prefill = the whole forward of one prompt (CLIP tower on a 336 px image -> 576 image tokens, projector, decoder) with
 ``logits_to_keep=1``, as ``generate`` runs it. Times are medians of ``--repeats`` runs after one discarded warm-up,
-measured side by side in one process. "FLOP ratio" counts the decoder only; "achieved" is the measured speed-up over
-the FLOP-ratio speed-up (above 100 % for FlowCut, whose vision tower also runs on fewer tokens).
+measured side by side in one process. "FLOP ratio" is the analytic prefill FLOPs (vision tower, projector, decoder,
+head; each layer counted on the tokens it actually saw) pruned over unpruned; "achieved" is the measured speed-up over
+the FLOP-ratio speed-up.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import vlprune
+from vlprune.eval.measure import FlopCount
 
 IMAGE = 576
 
@@ -46,24 +48,12 @@ def build(args, config_only: bool = False):
     return config if config_only else LlavaForConditionalGeneration(config).eval()
 
 
-def layer_flops(tokens: int, d: int, ff: int, kv: int, mlp_matrices: int = 3) -> float:
-    """2 x multiply-adds of one transformer layer on ``tokens`` tokens (dense attention, no masking): Q/O and K/V
-    projections, scores and weighted values, and an MLP of ``mlp_matrices`` (3 for SwiGLU, 2 for CLIP)."""
-    projections = 2 * tokens * (2 * d * d + 2 * d * kv)
-    attention = 2 * 2 * tokens * tokens * d
-    mlp = 2 * tokens * mlp_matrices * d * ff
-    return projections + attention + mlp
-
-
-def prefill_flops(model, tokens_per_layer: list[int]) -> float:
-    t, v = model.config.text_config, model.config.vision_config
-    kv = t.num_key_value_heads * (t.hidden_size // t.num_attention_heads)
-    n_vis = (v.image_size // v.patch_size) ** 2 + 1
-    vision = v.num_hidden_layers * layer_flops(n_vis, v.hidden_size, v.intermediate_size, v.hidden_size, 2)
-    projector = 2 * IMAGE * (v.hidden_size * t.hidden_size + t.hidden_size**2)
-    decoder = sum(layer_flops(n, t.hidden_size, t.intermediate_size, kv) for n in tokens_per_layer)
-    head = 2 * t.hidden_size * t.vocab_size  # logits of the last token only
-    return vision + projector + decoder + head
+def prefill_flops(model, inputs) -> float:
+    """Analytic FLOPs of one prefill as the model runs now (wrapped or not): :class:`vlprune.eval.measure.FlopCount`
+    (every layer's weights times the tokens it saw, plus attention), vision tower and decoder."""
+    with torch.no_grad(), FlopCount(model) as count:
+        model(**inputs, logits_to_keep=1)
+    return count.total
 
 
 def median_time(model, inputs, repeats: int) -> float:
@@ -101,7 +91,6 @@ def main() -> None:
     half = args.text // 2
     ids = torch.tensor([[1] + [5] * (half - 1) + [32000] * IMAGE + [6] * (args.text - half)])
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 3, 336, 336))
-    total, kept = ids.shape[1], ids.shape[1] - IMAGE + args.keep
     n_layers = args.layers
     print(
         f"LLaVA-architecture random model: decoder {n_layers} layers x {args.hidden} wide, CLIP {args.vision_layers} "
@@ -109,7 +98,7 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, sdpa"
     )
     base_time = median_time(model, inputs, args.repeats)
-    base_flops = prefill_flops(model, [total] * n_layers)
+    base_flops = prefill_flops(model, inputs)
     print(f"{'setting':34s} {'prefill s':>10s} {'speed-up':>9s} {'FLOP ratio':>11s} {'achieved':>9s}")
     print(f"{'unpruned':34s} {base_time:10.3f} {1.0:9.2f} {1.0:11.3f} {'':>9s}")
     cases = [
@@ -122,7 +111,7 @@ def main() -> None:
     for label, method, layer in cases:
         with vlprune.wrap(model, method, keep=args.keep, layer=layer):
             elapsed = median_time(model, inputs, args.repeats)
-        flops = prefill_flops(model, [total] * layer + [kept] * (n_layers - layer))
+            flops = prefill_flops(model, inputs)
         ratio = flops / base_flops
         speedup = base_time / elapsed
         print(f"{label:34s} {elapsed:10.3f} {speedup:9.2f} {ratio:11.3f} {speedup * ratio:9.1%}")

@@ -1,1 +1,4 @@
-"""Evaluation (installed as ``vlprune.eval``): the lmms-eval plugin and the bench harness arrive with the eval issue."""
+"""Evaluation (installed as ``vlprune.eval``): the lmms-eval model (:mod:`~vlprune.eval.lmms_model`, registered
+through the ``lmms_eval.models`` entry point in :mod:`~vlprune.eval.plugin`), the offline shapes tasks
+(:mod:`~vlprune.eval.tasks`), efficiency measurements (:mod:`~vlprune.eval.measure`) and the grid runner behind
+``vlprune bench`` (:mod:`~vlprune.eval.grid`). Importing this package imports neither lmms-eval nor torch."""

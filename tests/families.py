@@ -242,26 +242,25 @@ class LlavaNext(Llava):
     name = "llava_next"
     pinpoints = [[56, 56], [56, 112], [112, 56], [112, 112]]
 
+    TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56)
+
+    def config(self, layers: int):
+        vision = CLIPVisionConfig(**self.TOWER, patch_size=14, projection_dim=32)
+        text = LlamaConfig(**TEXT, num_hidden_layers=layers)
+        settings = dict(vision_feature_layer=-2, vision_feature_select_strategy="default")
+        return LlavaNextConfig, LlavaNextForConditionalGeneration, vision, text, settings
+
     def build(self, layers: int, seed: int = 0, attn: str = "sdpa"):
         torch.manual_seed(seed)
-        vision = CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=56,
-            patch_size=14,
-            projection_dim=32,
-        )
-        config = LlavaNextConfig(
+        config_class, model_class, vision, text, settings = self.config(layers)
+        config = config_class(
             vision_config=vision,
-            text_config=LlamaConfig(**TEXT, num_hidden_layers=layers),
+            text_config=text,
             image_token_id=IMAGE,
             image_grid_pinpoints=self.pinpoints,
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
+            **settings,
         )
-        model = LlavaNextForConditionalGeneration(config).eval()
+        model = model_class(config).eval()
         model.set_attn_implementation(attn)
         return model
 
@@ -318,28 +317,11 @@ class LlavaOnevision(LlavaNext):
     name = "llava_onevision"
     pinpoints = [[56, 56], [56, 112], [112, 56], [112, 112], [224, 224]]
 
-    def build(self, layers: int, seed: int = 0, attn: str = "sdpa"):
-        torch.manual_seed(seed)
-        vision = SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=56,
-            patch_size=14,
-        )
-        config = LlavaOnevisionConfig(
-            vision_config=vision,
-            text_config=Qwen2Config(**dict(TEXT, num_hidden_layers=layers)),
-            image_token_id=IMAGE,
-            video_token_id=101,
-            image_grid_pinpoints=self.pinpoints,
-            vision_feature_layer=-1,
-            vision_feature_select_strategy="full",
-        )
-        model = LlavaOnevisionForConditionalGeneration(config).eval()
-        model.set_attn_implementation(attn)
-        return model
+    def config(self, layers: int):
+        vision = SiglipVisionConfig(**self.TOWER, patch_size=14)
+        text = Qwen2Config(**dict(TEXT, num_hidden_layers=layers))
+        settings = dict(video_token_id=101, vision_feature_layer=-1, vision_feature_select_strategy="full")
+        return LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, vision, text, settings
 
     def image_inputs(self, shapes) -> tuple[dict, int]:
         image_kwargs, tiles = super().image_inputs(shapes)

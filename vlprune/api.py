@@ -16,6 +16,7 @@ against its own cache. Positions need nothing: ``generate`` numbers new tokens a
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,9 @@ class Pruned:
         The schedule in force.
     plans : list of KeepPlan
         After each prefill, one :class:`KeepPlan` per stage: what was kept, per sample.
+    selector_seconds : float
+        Wall time spent deciding plans (the selectors and the views they read) since :func:`wrap`; the benchmarks
+        report it per prefill. Decisions inside the vision tower (FlowCut) are not included.
     """
 
     def __init__(self, model: nn.Module, config: PruneConfig, adapter, stages: list[ResolvedStage]) -> None:
@@ -81,6 +85,7 @@ class Pruned:
         self.config = config
         self.adapter = adapter
         self.plans: list[KeepPlan] = []
+        self.selector_seconds = 0.0
         self._stages = {rs.layer: rs for rs in stages}
         self._renumber = config.positions == "renumber"
         self._hooks = HookSet()
@@ -286,7 +291,9 @@ class Pruned:
     def _vision_stage(self, x: torch.Tensor) -> torch.Tensor:
         """Projector pre-hook of a vision-space first stage (see :func:`vlprune.schedule.decide_vision`). It runs
         on every projector call: ``generate`` encodes the images before the first forward (``mm_encoder_outputs``)."""
+        start = _clock(x.device)
         out, self._vision["decided"] = decide_vision(self._stages[min(self._stages)], x, self._vision, self.adapter)
+        self.selector_seconds += _clock(x.device) - start
         return out
 
     def _layer_hook(self, layer: int):
@@ -322,7 +329,9 @@ class Pruned:
             required = {"decided"}
         layouts = self._layouts()
         self.adapter.check_vision(self._vision, layouts, required)
+        start = _clock(hidden.device)
         keep_slots, merges, plan = decide(stage, self._stage_inputs(stage, layer, hidden), layouts)
+        self.selector_seconds += _clock(hidden.device) - start
         self.plans.append(plan)
         logger.debug("%r", plan)
         if all(int(k.numel()) == call.segment.length for k in keep_slots) and not any(m is not None for m in merges):
@@ -384,6 +393,13 @@ def _find_handle(model: nn.Module) -> Pruned | None:
             if isinstance(owner, Pruned):
                 return owner
     return None
+
+
+def _clock(device: torch.device) -> float:
+    """``time.perf_counter()`` after the device's queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _build_config(method, keep, ratio, layer, positions, params, per=None) -> PruneConfig:

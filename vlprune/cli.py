@@ -1,5 +1,6 @@
 """The ``vlprune`` command: ``run`` (answer a question about an image with several methods side by side), ``methods``
-and ``models`` (the registries), ``bench`` (the shapes quality table) and ``demo`` (the Gradio app).
+and ``models`` (the registries), ``bench`` (the shapes quality table, or a grid through lmms-eval), ``tasks``
+(the offline lmms-eval tasks) and ``demo`` (the Gradio app).
 
 Every command runs on the embedded model (:mod:`vlprune.embedded`) unless ``--model`` names another checkpoint.
 """
@@ -43,17 +44,19 @@ class Loaded:
         return self.processor.decode(ids, skip_special_tokens=True).strip()
 
 
-def load(model: str | None) -> Loaded:
-    """The embedded model (``None``) or a local / hub checkpoint of a supported family."""
+def load(model: str | None, dtype="auto", attn_implementation: str = "sdpa") -> Loaded:
+    """The embedded model (``None``) or a local / hub checkpoint of a supported family (in ``dtype``, default the
+    checkpoint's own; the embedded model is float32)."""
     if model is None:
-        net, processor = embedded.load_default_model()
-        return Loaded(net, processor, "embedded shapes-vlm", True)
+        net, processor = embedded.load_default_model(attn=attn_implementation)
+        return Loaded(net.to(torch.float32 if dtype == "auto" else dtype), processor, "embedded shapes-vlm", True)
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     config = AutoConfig.from_pretrained(model)
     if config.model_type not in list_models():
         raise ValueError(f"model {model!r} is a {config.model_type!r} model; supported: {list_models()}")
-    net = AutoModelForImageTextToText.from_pretrained(model, dtype="auto").eval()
+    net = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation)
+    net = net.eval()
     return Loaded(net, AutoProcessor.from_pretrained(model), model, False)
 
 
@@ -198,9 +201,21 @@ def cmd_models(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import shapes_table
+    if args.tasks is None:
+        from .bench import shapes_table
 
-    shapes_table(args)
+        shapes_table(args)
+        return 0
+    from .eval.grid import lmms_grid
+
+    lmms_grid(args)
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from .eval.tasks import include_path
+
+    print(include_path(args.n, args.root))
     return 0
 
 
@@ -227,14 +242,30 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     sub.add_parser("methods", help="list the methods").set_defaults(func=cmd_methods)
     sub.add_parser("models", help="list the supported model families").set_defaults(func=cmd_models)
-    bench = sub.add_parser("bench", help="quality table of every method on the shapes test split")
-    bench.add_argument("--suite", default="shapes", choices=["shapes"])
-    bench.add_argument("--model", default=None)
-    bench.add_argument("--samples", type=int, default=600, help="test questions (100 per question type)")
-    bench.add_argument("--fractions", default="0.5,0.25,0.11", help="kept fractions of the visual tokens")
+    bench = sub.add_parser(
+        "bench",
+        help="quality table on the shapes test split, or (--tasks) a methods x budgets x lmms-eval tasks grid",
+    )
+    bench.add_argument("--suite", default="shapes", choices=["shapes"], help="without --tasks: the built-in suite")
+    bench.add_argument("--model", default=None, help="hub id or path (default: the embedded shapes model)")
+    bench.add_argument("--samples", type=int, default=600, help="shapes suite: test questions (100 per type)")
+    bench.add_argument("--fractions", default="0.5,0.25,0.11", help="shapes suite: kept fractions")
     bench.add_argument("--methods", default=None, help="comma-separated (default: every method)")
     bench.add_argument("--out", default="vlprune-bench")
+    grid = bench.add_argument_group("lmms-eval grid (needs vlprune[eval])")
+    grid.add_argument("--tasks", default=None, help="comma-separated lmms-eval tasks, e.g. vlprune_shapes,gqa")
+    grid.add_argument("--budgets", default="64,32,16", help="tokens per image (64) or kept fractions (0.25)")
+    grid.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
+    grid.add_argument("--include-path", default=None, help="extra task folder (the shapes tasks are always added)")
+    grid.add_argument("--timing-docs", type=int, default=2, help="documents timed per cell")
+    grid.add_argument("--repeats", type=int, default=3, help="timed runs per document (after one warm-up)")
+    grid.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: accelerate's choice)")
+    grid.add_argument("--dtype", default="auto")
     bench.set_defaults(func=cmd_bench)
+    tasks = sub.add_parser("tasks", help="write the offline shapes tasks for lmms-eval and print their folder")
+    tasks.add_argument("--n", type=int, default=600, help="test questions")
+    tasks.add_argument("--root", default=None, help="where to write them (default: ~/.cache/vlprune/lmms_tasks)")
+    tasks.set_defaults(func=cmd_tasks)
     demo = sub.add_parser("demo", help="the Gradio demo")
     demo.add_argument("--model", default=None)
     demo.add_argument("--host", default="127.0.0.1")

@@ -51,11 +51,26 @@ def build_tokenizer():
     )
 
 
+# The prompt of :func:`prompt` as a chat template (one "<image>" per image entry, then the lower-cased text), so that
+# code that formats prompts with ``apply_chat_template`` (vlprune's lmms-eval model) feeds the model what it learned.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    + IMAGE_TOKEN
+    + " {% endif %}{% endfor %}{% for part in message['content'] %}{% if part['type'] == 'text' %}"
+    "{{ part['text'] | trim | lower }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} answer :"
+    "{% endif %}"
+)
+
+
 def build_processor():
     """``LlavaProcessor``: CLIP image processing at ``shapes.SIZE`` pixels and the word-level tokenizer; expands
     ``<image>`` to the 144 visual tokens."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
+    from transformers import LlavaProcessor
 
+    try:  # the PIL backend: no torchvision needed, and the pixels the model was trained on
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:  # older transformers: one backend
+        from transformers import CLIPImageProcessor
     images = CLIPImageProcessor(
         size={"shortest_edge": shapes.SIZE},
         crop_size={"height": shapes.SIZE, "width": shapes.SIZE},
@@ -69,7 +84,7 @@ def build_processor():
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         image_token=IMAGE_TOKEN,
-        chat_template=None,
+        chat_template=CHAT_TEMPLATE,
     )
 
 

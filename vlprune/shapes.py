@@ -280,6 +280,28 @@ def split(name: str, n: int, start: int = 0) -> list[Sample]:
     return [sample(first + i, QUESTION_TYPES[i % len(QUESTION_TYPES)]) for i in range(start, start + n)]
 
 
+def patch_words(s: Scene) -> list[list[str]]:
+    """Per patch (raster order), the words that describe what lies under its centre: an object's colour, shape and
+    quadrant (plus ``object`` on the patch holding its centre), or ``letter`` and the letter; nothing for background.
+    The embedded model's projector learns to map each patch near these words' embeddings."""
+    side = SIZE // PATCH
+    out: list[list[str]] = [[] for _ in range(side * side)]
+    for i in range(side * side):
+        py, px = divmod(i, side)
+        cx, cy = px * PATCH + PATCH / 2, py * PATCH + PATCH / 2
+        for t in s.things:
+            x0, y0, x1, y1 = t.box()
+            if x0 - 1 <= cx <= x1 + 1 and y0 - 1 <= cy <= y1 + 1:
+                out[i] = [t.color, t.shape, t.quadrant]
+        if s.letter is not None:
+            x0, y0, x1, y1 = s.letter.box()
+            if x0 - 1 <= cx <= x1 + 1 and y0 - 1 <= cy <= y1 + 1:
+                out[i] = ["letter", s.letter.color.lower()]
+    for t in s.things:
+        out[(t.y // PATCH) * side + t.x // PATCH].append("object")
+    return out
+
+
 def patch_labels(s: Scene) -> tuple[list[int], list[int]]:
     """Per patch (raster order), the object class under its centre (``1 + colour * len(SHAPES) + shape``, 0 for
     background) and the letter class (``1 + index``, 0 for none): the embedded model's auxiliary targets."""

@@ -7,7 +7,10 @@ so no scene is shared with the validation or test splits.
 Objective: the answer tokens (cross-entropy after ``answer :``), plus auxiliary objectives, as the issue's remedies
 suggest. For the vision tower: every patch predicts the object class and the letter under its centre
 (:func:`vlprune.shapes.patch_labels`), and the [CLS] token predicts which (colour, shape) pairs and which letter the
-scene holds, so that [CLS] attention means something, as in CLIP. For the decoder: a share of each batch
+scene holds, so that [CLS] attention means something, as in CLIP. Between them: each projected patch, read through
+the decoder's (tied) output embedding, names the colour, shape and quadrant of the object under it, or the letter
+(:func:`vlprune.shapes.patch_words`), so that a question's words and the visual tokens they refer to start out
+close. For the decoder: a share of each batch
 (``--captions``) asks "describe the scene ?" and is answered by a caption listing every object's colour, shape and
 quadrant (:func:`vlprune.shapes.describe`), which gives many grounded target words per image where a question gives
 one. Learning rate: linear warm-up, then cosine decay. The auxiliary heads are not part of the saved model.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import time
 from pathlib import Path
 
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 
 from . import embedded, shapes
+from .shapes import ask
 
 CLASSES = 1 + len(shapes.COLORS) * len(shapes.SHAPES)
 
@@ -36,16 +41,32 @@ def pixels(images) -> torch.Tensor:
     return (array - mean) / std
 
 
-def batch(samples, vocab: dict[str, int]):
-    """Inputs, answer labels and auxiliary targets of a list of :class:`~vlprune.shapes.Sample`."""
+def more_questions(s: shapes.Sample, n: int) -> list[tuple[str, str]]:
+    """Up to ``n`` further ``(question, answer)`` pairs about the scene of ``s``, of the other question types."""
+    rng = random.Random(f"more:{s.seed}")
+    out = []
+    for kind in shapes.QUESTION_TYPES:
+        qa = ask(s.scene, kind, rng) if kind != s.kind and len(out) < n else None
+        if qa is not None:
+            out.append(qa)
+    return out
+
+
+def batch(samples, vocab: dict[str, int], extra: list[list[tuple[str, str]]] | None = None):
+    """Inputs, answer labels and auxiliary targets of a list of :class:`~vlprune.shapes.Sample`. ``extra[i]`` are
+    further ``(question, answer)`` pairs about sample ``i``'s scene, asked after its first answer in the same
+    sequence (each answer is a target; the first question sits where it sits at inference)."""
     tokens = (shapes.SIZE // shapes.PATCH) ** 2
     rows, labels = [], []
-    for s in samples:
-        question = [vocab[w] for w in embedded.prompt(s.question).split()[1:]]
-        answer = [vocab[w] for w in s.answer.split()] + [embedded.EOS]
-        ids = [embedded.BOS] + [embedded.IMAGE] * tokens + question + answer
+    for i, s in enumerate(samples):
+        ids, target = [embedded.BOS] + [embedded.IMAGE] * tokens, [-100] * (1 + tokens)
+        for question, answer in [(s.question, s.answer)] + (extra[i] if extra else []):
+            asked = [vocab[w] for w in embedded.prompt(question).split()[1:]]
+            said = [vocab[w] for w in answer.split()] + [embedded.EOS]
+            ids += asked + said
+            target += [-100] * len(asked) + said
         rows.append(ids)
-        labels.append([-100] * (len(ids) - len(answer)) + answer)
+        labels.append(target)
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), embedded.PAD)
     target = torch.full((len(rows), length), -100)
@@ -53,7 +74,10 @@ def batch(samples, vocab: dict[str, int]):
     for i, (r, y) in enumerate(zip(rows, labels, strict=True)):  # right padding: positions as at inference
         ids[i, : len(r)], target[i, : len(y)], mask[i, : len(r)] = torch.tensor(r), torch.tensor(y), 1
     objects, letters, present = [], [], torch.zeros(len(samples), CLASSES - 1 + len(shapes.LETTERS))
+    words = torch.zeros(len(samples), tokens, len(vocab))
     for i, s in enumerate(samples):
+        for p, names in enumerate(shapes.patch_words(s.scene)):
+            words[i, p, [vocab[n] for n in names]] = 1
         o, le = shapes.patch_labels(s.scene)
         objects.append(o)
         letters.append(le)
@@ -70,6 +94,7 @@ def batch(samples, vocab: dict[str, int]):
         objects=torch.tensor(objects),
         letters=torch.tensor(letters),
         present=present,
+        words=words,
     )
 
 
@@ -96,6 +121,9 @@ def forward(model, heads: Heads, b: dict):
     aux = nn.functional.cross_entropy(heads.objects(vision[:, 1:]).flatten(0, 1), b["objects"].flatten())
     aux = aux + nn.functional.cross_entropy(heads.letters(vision[:, 1:]).flatten(0, 1), b["letters"].flatten())
     aux = aux + nn.functional.binary_cross_entropy_with_logits(heads.present(vision[:, 0]), b["present"])
+    # grounding: each projected patch, read through the (tied) output embedding, names what lies under it
+    named = model.lm_head(features)[..., : b["words"].shape[-1]]
+    aux = aux + 10 * nn.functional.binary_cross_entropy_with_logits(named, b["words"])
     return loss, aux, logits
 
 
@@ -128,6 +156,9 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--aux", type=float, default=1.0, help="weight of the auxiliary vision losses")
     parser.add_argument("--captions", type=float, default=0.25, help="share of each batch that is a caption")
+    parser.add_argument(
+        "--questions", type=int, default=1, help="questions per training sequence (further ones about the same scene)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--every", type=int, default=250, help="validate and checkpoint every N steps")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -152,14 +183,16 @@ def main(argv=None) -> None:
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     checkpoint = args.out / "checkpoint.pt"
-    start, log = 0, []
+    start, log, phases = 0, [], []
     if args.resume and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        start, log = state["step"], state["log"]
+        start, log, phases = state["step"], state["log"], state.get("phases", [])
+    settings = {k: str(v) for k, v in vars(args).items() if k not in ("out", "resume")}
+    phases = [p for p in phases if int(p["from_step"]) < start] + [{"from_step": start, **settings}]
     validation = shapes.split("validation", 600)
     model.train()
     began = time.time()
@@ -168,9 +201,11 @@ def main(argv=None) -> None:
         first = shapes.SPLITS["train"] + step * args.batch
         kinds = shapes.QUESTION_TYPES
         samples = [shapes.sample(first + i, kinds[(first + i) % len(kinds)]) for i in range(args.batch)]
-        for s in samples[: round(args.captions * args.batch)]:
+        for s in samples[: round(args.captions * args.batch)]:  # the first samples become captions
             s.question, s.answer, s.kind = "describe the scene ?", shapes.describe(s.scene), "describe"
-        loss, aux, _ = forward(model, heads, batch(samples, vocab))
+        captions = round(args.captions * args.batch)
+        extra = [[] if i < captions else more_questions(s, args.questions - 1) for i, s in enumerate(samples)]
+        loss, aux, _ = forward(model, heads, batch(samples, vocab, extra))
         optimizer.zero_grad(set_to_none=True)
         (loss + args.aux * aux).backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -182,11 +217,27 @@ def main(argv=None) -> None:
             log.append({"step": step + 1, "loss": loss.item(), "seconds": time.time() - began, **scores})
             bar.write(f"step {step + 1}: " + " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
             state = dict(model=model.state_dict(), heads=heads.state_dict(), optimizer=optimizer.state_dict())
-            torch.save({**state, "schedule": schedule.state_dict(), "step": step + 1, "log": log}, checkpoint)
+            state.update(schedule=schedule.state_dict(), step=step + 1, log=log, phases=phases)
+            torch.save(state, checkpoint)
     model.eval()
-    model.save_pretrained(args.out)
-    processor.save_pretrained(args.out)
+    save(model, processor, args.out, log, phases)
     print(f"saved to {args.out} after {time.time() - began:.0f} s this run")
+
+
+def save(model, processor, out: Path, log: list[dict], phases: list[dict]) -> None:
+    """The model and processor (``save_pretrained``) and ``training.json``: the settings of each run that made it
+    (``phases``: a resumed run may change them), the machine and the validation log (per-type teacher-forced
+    accuracy and elapsed seconds of its run at every checkpoint)."""
+    import json
+    import os
+    import platform
+
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
+    machine["threads"] = torch.get_num_threads()
+    card = {"phases": phases, "machine": machine, "log": log}
+    (out / "training.json").write_text(json.dumps(card, indent=1) + "\n")
 
 
 if __name__ == "__main__":
