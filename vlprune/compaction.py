@@ -1,6 +1,6 @@
 """Compaction: gather the per-token tensors a run of decoder layers sees down to the kept tokens, per sample,
 left-padded, and build the attention masks those layers need in prefill and while decoding with their own
-(shorter) KV cache. PyTorch reference implementation; the same results on every device."""
+(shorter) KV cache. The gathering itself is :mod:`vlprune.kernels` (Triton on CUDA, PyTorch elsewhere)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from vlprune import kernels
+from vlprune.kernels.reference import gather_tokens
 
 
 @dataclass
@@ -46,13 +49,6 @@ def _expand(x: torch.Tensor, batch: int) -> torch.Tensor:
     return x.expand(batch, *x.shape[1:]) if x.shape[0] != batch else x
 
 
-def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x`` (B or 1, L, ...) gathered along dim 1 by ``index`` (B, L') -> (B, L', ...)."""
-    x = _expand(x, index.shape[0])
-    idx = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
-    return torch.gather(x, 1, idx)
-
-
 def initial_segment(hidden: torch.Tensor, attention_mask, position_ids, position_embeddings) -> Segment:
     """The full sequence as the language model prepared it for its first layer."""
     b, length = hidden.shape[:2]
@@ -84,47 +80,28 @@ def compact(
     """Keep ``keep_slots[b]`` (ascending slot indices of ``segment``) of each sample; right-align (left padding).
 
     ``merges[b]``, when not ``None``, is ``(source_slots, target_slots, weights)``: each target (a kept slot) becomes
-    the weighted sum of its sources, accumulated in fp32. Returns the new segment and the hidden states (B, L', D).
+    the weighted sum of its sources, accumulated in fp32. One pass of :func:`vlprune.kernels.merge_compact` (fused
+    on CUDA) gathers hidden states, rows, mask, position ids and rotary tables. Returns the new segment and the
+    hidden states (B, L', D).
     """
-    b = hidden.shape[0]
-    device = hidden.device
-    new_len = max(int(k.numel()) for k in keep_slots)
-    index = torch.zeros(b, new_len, dtype=torch.long, device=device)
-    valid = torch.zeros(b, new_len, dtype=torch.bool, device=device)
-    for i, slots in enumerate(keep_slots):
-        n = int(slots.numel())
-        if n:
-            index[i, new_len - n :] = slots.to(device)
-            valid[i, new_len - n :] = True
-    rows = torch.where(valid, torch.gather(segment.rows, 1, index), -1)
-    mask = valid & torch.gather(segment.mask, 1, index)
-    new_hidden = gather_tokens(hidden, index)  # (B, L', D)
-    for i, merge in enumerate(merges or ()):
-        if merge is not None:
-            new_hidden[i] = merge_tokens(
-                hidden[i], new_hidden[i], keep_slots[i], new_len - int(keep_slots[i].numel()), *merge
-            )
+    out = kernels.merge_compact(
+        keep_slots,
+        merges,
+        hidden,
+        segment.mask.to(hidden.device),
+        rows=segment.rows,
+        position_ids=None if renumber else segment.position_ids,
+        cos=None if renumber else segment.cos,
+        sin=None if renumber else segment.sin,
+    )
+    mask = out.mask
     if renumber:
         position_ids = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1)
-        cos, sin = rotary(new_hidden, position_ids)
+        cos, sin = rotary(out.hidden, position_ids)
     else:
-        position_ids = torch.gather(segment.position_ids, 1, index).masked_fill(~valid, 1)
-        cos, sin = gather_tokens(segment.cos, index), gather_tokens(segment.sin, index)
-    shift = segment.shift + segment.mask.sum(-1) - mask.sum(-1)
-    return Segment(rows, mask, position_ids, cos, sin, shift), new_hidden
-
-
-def merge_tokens(hidden, gathered, kept, offset, sources, targets, weights) -> torch.Tensor:
-    """One sample: ``gathered`` (L', D) with each target slot replaced by the weighted sum of its source slots of
-    ``hidden`` (L, D). ``kept`` are the ascending kept slots, placed from ``offset`` on."""
-    device = hidden.device
-    targets_at = offset + torch.searchsorted(kept.to(device), targets.to(device))
-    unique, group = torch.unique(targets_at, return_inverse=True)
-    acc = torch.zeros(unique.numel(), hidden.shape[-1], device=device, dtype=torch.float32)
-    acc.index_add_(0, group, hidden[sources.to(device)].float() * weights.to(device)[:, None])
-    out = gathered.clone()
-    out[unique] = acc.to(hidden.dtype)
-    return out
+        position_ids, cos, sin = out.position_ids, out.cos, out.sin
+    shift = segment.shift + segment.mask.sum(-1).to(mask.device) - mask.sum(-1)
+    return Segment(out.rows, mask, position_ids, cos, sin, shift), out.hidden
 
 
 def align(values: torch.Tensor, old_rows: torch.Tensor, new_rows: torch.Tensor) -> torch.Tensor:
