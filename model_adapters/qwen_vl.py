@@ -8,7 +8,11 @@ them. ``positions="renumber"`` (an ablation) gives the kept tokens consecutive p
 
 Image sizes vary per image: the adapter reads ``grid_thw`` from the vision tower's call. The tower's own
 per-image outputs (``pooler_output``) are in raster order for both versions (Qwen2.5-VL undoes its window order
-there), which is what the ``features`` signal carries. Prompts with videos are refused for now (the video issue).
+there), which is what the ``features`` signal carries.
+
+Videos: a video is one budget unit of ``t x h x w`` tokens (``t`` temporal patches of two frames each); its tokens
+keep their M-RoPE rows, the temporal row included. A batch holds images or videos, not both (the model encodes them
+in two vision calls).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ class Qwen2VLAdapter(Adapter):
 
     def grid_of(self, store: dict, image: int, count: int) -> tuple[int, int] | None:
         t, h, w = store["grid_thw"][image].tolist()
-        return (h // self.merge, w // self.merge) if t == 1 else None
+        return (h // self.merge, w // self.merge) if t == 1 else None  # a video's tokens are not one 2-D grid
 
     def decode_positions(self, positions: torch.Tensor) -> torch.Tensor:
         deltas = self.base.rope_deltas  # set by the model's own prefill when it computed the M-RoPE index
@@ -74,14 +78,19 @@ class Qwen2VLAdapter(Adapter):
             self._check_attention("text_config", method)
 
     def visual_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
-        if input_ids is not None and (input_ids == self.model.config.video_token_id).any():
+        images = super().visual_mask(input_ids, inputs_embeds)
+        if input_ids is None:
+            return images
+        videos = input_ids == self.model.config.video_token_id
+        if images.any() and videos.any():
             raise ValueError(
-                f"vlprune does not prune {self.model_type} video inputs yet; unwrap the model for prompts with videos"
+                f"vlprune prunes {self.model_type} batches of images or batches of videos, not both in one batch yet "
+                "(the model encodes them in two vision calls); pass them in separate calls"
             )
-        return super().visual_mask(input_ids, inputs_embeds)
+        return images | videos
 
     def install_vision(self, requests: list[SignalRequest], store: dict, hooks: HookSet) -> None:
-        # Every call overwrites: the last vision call before a prefill encoded its images (videos are refused).
+        # Every call overwrites: the one vision call before a prefill encoded its images or its videos.
         def sizes(module, args, kwargs):
             store["grid_thw"] = (kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]).detach().cpu()
 
@@ -111,6 +120,14 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     model_type = "qwen3_vl"
     summary = "Qwen3-VL: as Qwen2-VL, DeepStack features follow the kept tokens"
+
+    def visual_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
+        if input_ids is not None and (input_ids == self.model.config.video_token_id).any():
+            raise ValueError(
+                f"vlprune does not prune {self.model_type} video inputs yet (timestamped frames with DeepStack "
+                "features); unwrap the model for prompts with videos"
+            )
+        return super().visual_mask(input_ids, inputs_embeds)
 
     def install_language(self, hooks: HookSet, current_rows, in_prefill) -> None:
         saved: dict = {}

@@ -34,6 +34,7 @@ from reference import original_positions
 from tiny import IMAGE, TEXT, batch, tiny_llava
 
 VSTART, VEND = 102, 103
+VIDEO = 101  # Qwen-VL's video placeholder in the tiny configs
 
 
 def _text(g: torch.Generator, n: int) -> list[int]:
@@ -65,6 +66,10 @@ class Llava:
 
     def image_kwargs(self, inputs) -> dict:
         return {}
+
+    def pixels(self, inputs) -> torch.Tensor:
+        """What the vision tower encodes (images; videos for video inputs)."""
+        return inputs["pixel_values"]
 
     def visual_tokens(self, model, inputs, shapes):
         """``(visual mask (B, L), visual tokens of each image per sample)``: the placeholders that are candidates."""
@@ -116,48 +121,64 @@ class Qwen2VL(Llava):
         model.set_attn_implementation(attn)
         return model
 
+    token, type_id = IMAGE, 1  # placeholder and mm_token_type_ids value (images; videos in QwenVideo)
+    pixel_key, grid_key = "pixel_values", "image_grid_thw"
+
+    @staticmethod
+    def thw(size) -> tuple[int, int, int]:
+        """``(t, h, w)`` patch grid of an input of ``size``."""
+        return (1, *size)
+
     def inputs(self, model, shapes, seed=0) -> dict:
         prompts, grids = [], []
         for i, (before, after, sizes) in enumerate(shapes):
             g = torch.Generator().manual_seed(seed + i)
             ids = [1] + _text(g, before)
-            for h, w in sizes:
-                ids += [VSTART] + [IMAGE] * (h * w // 4) + [VEND] + _text(g, after)
-                grids.append([1, h, w])
+            for size in sizes:
+                ids += [VSTART] + [self.token] * self.tokens(size) + [VEND] + _text(g, after)
+                grids.append(list(self.thw(size)))
             prompts.append(ids)
         ids, mask = batch(prompts)
         grid = torch.tensor(grids, dtype=torch.long)
         g = torch.Generator().manual_seed(1000 + seed)
         pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * self.patch**2, generator=g)
-        return dict(
-            input_ids=ids,
-            attention_mask=mask,
-            pixel_values=pixels,
-            image_grid_thw=grid,
-            mm_token_type_ids=(ids == IMAGE).int(),
-        )
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            self.pixel_key: pixels,
+            self.grid_key: grid,
+            "mm_token_type_ids": self.type_id * (ids == self.token).int(),
+        }
 
     def positions(self, model, inputs) -> torch.Tensor:
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        grid = inputs["image_grid_thw"]
-        return model.model.get_rope_index(ids, (ids == IMAGE).int(), image_grid_thw=grid, attention_mask=mask)[0]
+        types = self.type_id * (ids == self.token).int()
+        return model.model.get_rope_index(ids, types, attention_mask=mask, **self.image_kwargs(inputs))[0]
+
+    def pixels(self, inputs) -> torch.Tensor:
+        return inputs[self.pixel_key]
 
     def image_kwargs(self, inputs) -> dict:
-        return {"image_grid_thw": inputs["image_grid_thw"]}
+        return {self.grid_key: inputs[self.grid_key]}
+
+    def visual_tokens(self, model, inputs, shapes):
+        return inputs["input_ids"] == self.token, [[self.tokens(s) for s in shape[2]] for shape in shapes]
 
     def tokens(self, size) -> int:
-        return size[0] * size[1] // 4
+        t, h, w = self.thw(size)
+        return t * h * w // 4
 
     def split(self, inputs, shapes, b: int) -> dict:
-        grid = inputs["image_grid_thw"]
+        grid = inputs[self.grid_key]
         first = sum(len(s[2]) for s in shapes[:b])
         n = len(shapes[b][2])
         patches = grid.prod(-1)
         start = int(patches[:first].sum())
+        end = start + int(patches[first : first + n].sum())
         one = self._one(inputs, b)
-        one["mm_token_type_ids"] = (one["input_ids"] == IMAGE).int()
-        one["image_grid_thw"] = grid[first : first + n]
-        one["pixel_values"] = inputs["pixel_values"][start : start + int(patches[first : first + n].sum())]
+        one["mm_token_type_ids"] = self.type_id * (one["input_ids"] == self.token).int()
+        one[self.grid_key] = grid[first : first + n]
+        one[self.pixel_key] = inputs[self.pixel_key][start:end]
         return one
 
 
@@ -169,6 +190,27 @@ class Qwen25VL(Qwen2VL):
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=32, num_heads=4, patch_size=14)
         vision.update(spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
         return Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, text, vision
+
+
+class QwenVideo:
+    """Qwen2-VL / Qwen2.5-VL video inputs: each ``size`` is a ``(t, h, w)`` patch grid (``t`` temporal patches of two
+    frames), ``t * h * w / 4`` video tokens."""
+
+    sizes = ((2, 4, 8), (3, 8, 8))
+    token, type_id = VIDEO, 2
+    pixel_key, grid_key = "pixel_values_videos", "video_grid_thw"
+
+    @staticmethod
+    def thw(size) -> tuple[int, int, int]:
+        return tuple(size)
+
+
+class Qwen2VLVideo(QwenVideo, Qwen2VL):
+    pass
+
+
+class Qwen25VLVideo(QwenVideo, Qwen25VL):
+    pass
 
 
 class Qwen3VL(Qwen2VL):
@@ -335,3 +377,4 @@ class LlavaOnevision(LlavaNext):
 
 
 FAMILIES = {f.name: f for f in (Llava(), Qwen2VL(), Qwen25VL(), Qwen3VL(), InternVL(), LlavaNext(), LlavaOnevision())}
+VIDEO_FAMILIES = {f.name: f for f in (Qwen2VLVideo(), Qwen25VLVideo())}  # same model types, video inputs

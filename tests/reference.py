@@ -10,14 +10,19 @@ import vlprune
 
 def embed(model, ids: torch.Tensor, pixel_values: torch.Tensor | None, **image_kwargs) -> torch.Tensor:
     """inputs_embeds with image features scattered in, as the base model's forward does (``image_kwargs``: e.g.
-    ``image_grid_thw`` for Qwen-VL)."""
+    ``image_grid_thw`` for Qwen-VL; with ``video_grid_thw``, ``pixel_values`` are a Qwen-VL video batch)."""
     base = model.model
     embeds = base.get_input_embeddings()(ids)
-    if pixel_values is None or not (ids == model.config.image_token_id).any():
+    video = "video_grid_thw" in image_kwargs
+    token = model.config.video_token_id if video else model.config.image_token_id
+    if pixel_values is None or not (ids == token).any():
         return embeds
-    feats = base.get_image_features(pixel_values=pixel_values, return_dict=True, **image_kwargs).pooler_output
-    feats = torch.cat(list(feats), 0).to(embeds.dtype)
-    mask = (ids == model.config.image_token_id)[..., None].expand_as(embeds)
+    if video:
+        feats = base.get_video_features(pixel_values_videos=pixel_values, return_dict=True, **image_kwargs)
+    else:
+        feats = base.get_image_features(pixel_values=pixel_values, return_dict=True, **image_kwargs)
+    feats = torch.cat(list(feats.pooler_output), 0).to(embeds.dtype)
+    mask = (ids == token)[..., None].expand_as(embeds)
     return embeds.masked_scatter(mask, feats)
 
 

@@ -8,7 +8,7 @@ from transformers.image_processing_utils import select_best_resolution
 
 import vlprune
 
-from families import FAMILIES
+from families import FAMILIES, VIDEO_FAMILIES
 from reference import deepstack_of, embed, greedy, layer_loop, merges_of, original_positions, state
 from test_methods import TINY_PARAMS
 
@@ -19,6 +19,7 @@ SHAPES = {
     "llava_next": ((3, 2, ((56, 112),)), (1, 3, ((30, 112), (56, 56))), (5, 1, ((56, 56),))),  # pixels (H, W)
     "llava_onevision": ((3, 2, ((224, 224),)), (1, 3, ((30, 112), (56, 56))), (5, 1, ((56, 112),))),
 }
+VIDEO_SHAPES = ((3, 2, ((2, 4, 8),)), (1, 3, ((1, 4, 8), (2, 8, 8))), (5, 1, ((3, 4, 4),)))  # (t, h, w) patch grids
 
 
 def shapes_of(family: str):
@@ -53,7 +54,8 @@ def check_first_plan(plan, candidates, sizes, budget):
 def run(model, inputs, steps=3):
     """Forward logits and greedy tokens. 1-D models get the positions generate would give a left-padded batch
     (their forward alone would number padding too), so that both calls decide on the same inputs."""
-    extra = {} if "image_grid_thw" in inputs else {"position_ids": original_positions(inputs["attention_mask"])}
+    mrope = "image_grid_thw" in inputs or "video_grid_thw" in inputs
+    extra = {} if mrope else {"position_ids": original_positions(inputs["attention_mask"])}
     with torch.no_grad():
         logits = model(**inputs, **extra).logits
         out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, pad_token_id=0)
@@ -64,7 +66,39 @@ def run(model, inputs, steps=3):
 @pytest.mark.parametrize("budget", [{"keep": 3}, {"ratio": 0.5}], ids=["keep3", "ratio0.5"])
 def test_every_method_on_every_family(case, method, budget):
     family, model = case
-    shapes = shapes_of(family.name)
+    check_method(family, model, method, budget, shapes_of(family.name))
+
+
+@pytest.fixture(scope="module", params=list(VIDEO_FAMILIES))
+def video_case(request):
+    family = VIDEO_FAMILIES[request.param]
+    model = family.build(layers=10)
+    run(model, family.inputs(model, VIDEO_SHAPES[:1]))
+    return family, model
+
+
+@pytest.mark.parametrize("method", vlprune.list_methods())
+@pytest.mark.parametrize("budget", [{"keep": 3}, {"ratio": 0.5}], ids=["keep3", "ratio0.5"])
+def test_every_method_on_qwen_videos(video_case, method, budget):
+    """Image methods on video tokens: one budget per video, M-RoPE rows (the temporal one included) kept."""
+    family, model = video_case
+    check_method(family, model, method, budget, VIDEO_SHAPES)
+
+
+def test_every_supported_method_is_the_identity_at_keep_all_on_videos(video_case):
+    check_identity(*video_case, VIDEO_SHAPES[:2])
+
+
+def test_a_batch_of_images_and_videos_is_a_clear_error(video_case):
+    family, model = video_case
+    inputs = family.inputs(model, VIDEO_SHAPES[:1])
+    ids = inputs["input_ids"].clone()
+    ids[0, 2] = model.config.image_token_id
+    with vlprune.wrap(model, "divprune", keep=3), pytest.raises(ValueError, match="images or batches of videos"):
+        model(**{**inputs, "input_ids": ids})
+
+
+def check_method(family, model, method, budget, shapes):
     inputs = family.inputs(model, shapes, seed=2)
     candidates, sizes = family.visual_tokens(model, inputs, shapes)
     before = state(model)
@@ -81,16 +115,16 @@ def test_every_method_on_every_family(case, method, budget):
         check_first_plan(plans[0], candidates, sizes, stage.budget)
         # forward equals the hand-written loop on the same inputs with the unpruned sequence's positions
         positions = family.positions(model, inputs)
-        embeds = embed(model, ids, inputs["pixel_values"], **family.image_kwargs(inputs))
+        embeds = embed(model, ids, family.pixels(inputs), **family.image_kwargs(inputs))
         stages = [(p.layer, p.keep_tokens, merges_of(p, ids)) for p in plans]
         with torch.no_grad():
-            stack = deepstack_of(model, ids, inputs["pixel_values"], **family.image_kwargs(inputs))
+            stack = deepstack_of(model, ids, family.pixels(inputs), **family.image_kwargs(inputs))
             expected = layer_loop(model, embeds, inputs["attention_mask"], positions, stages, deepstack=stack)
             expected_tokens = greedy(
                 model,
                 ids,
                 inputs["attention_mask"],
-                inputs["pixel_values"],
+                family.pixels(inputs),
                 plans,
                 steps=tokens.shape[1],
                 positions_fn=lambda i, m: family.positions(model, {**inputs, "input_ids": i, "attention_mask": m}),
@@ -112,8 +146,11 @@ def test_every_method_on_every_family(case, method, budget):
 
 
 def test_every_supported_method_is_the_identity_at_keep_all(case):
-    family, model = case
-    inputs = family.inputs(model, shapes_of(family.name)[:2], seed=4)
+    check_identity(*case, shapes_of(case[0].name)[:2])
+
+
+def check_identity(family, model, shapes):
+    inputs = family.inputs(model, shapes, seed=4)
     reference = run(model, inputs)
     for method in supported(family):
         with vlprune.wrap(model, method, keep=10_000, **TINY_PARAMS.get(method, {})) as pruned:
@@ -131,7 +168,7 @@ def test_qwen2_vl_original_positions_match_the_reference_and_renumbered_ones_dif
     shapes = shapes_of(family.name)[:2]
     inputs = family.inputs(model, shapes, seed=7)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    embeds = embed(model, ids, inputs["pixel_values"], **family.image_kwargs(inputs))
+    embeds = embed(model, ids, family.pixels(inputs), **family.image_kwargs(inputs))
     outputs = {}
     for positions in ("original", "renumber"):
         with vlprune.wrap(model, method, keep=3, positions=positions) as pruned:
@@ -145,7 +182,7 @@ def test_qwen2_vl_original_positions_match_the_reference_and_renumbered_ones_dif
                 model,
                 ids,
                 mask,
-                inputs["pixel_values"],
+                family.pixels(inputs),
                 plans,
                 steps=tokens.shape[1],
                 renumber=renumber,
@@ -191,7 +228,7 @@ def test_llava_next_cls_attention_follows_the_anyres_packing():
     inputs = family.inputs(model, shapes, seed=3)
     sizes = inputs["image_sizes"].tolist()
     tiles = [len({t for t, _ in packed_sources(s, family.pinpoints)}) for s in sizes]
-    pixels = torch.cat([inputs["pixel_values"][i, :n] for i, n in enumerate(tiles)])
+    pixels = torch.cat([family.pixels(inputs)[i, :n] for i, n in enumerate(tiles)])
     with torch.no_grad():
         attentions = model.model.vision_tower(pixels, output_attentions=True).attentions
     cls = attentions[0][:, :, 0, 1:].mean(1)  # feature layer -2 of a 2-layer tower: layer 0's output

@@ -1,0 +1,76 @@
+"""Temporal structure of video tokens, shared by the video methods: frame-to-frame similarity, static positions,
+and the two published ways of cutting a video into segments.
+
+Tokens of a video are ``features`` (T, N, D): ``T`` frames of ``N`` tokens each, the same spatial position at the
+same index in every frame.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def transition_similarity(features: torch.Tensor) -> torch.Tensor:
+    """(T - 1, N) cosine similarity of each position between consecutive frames of ``features`` (T, N, D)."""
+    if features.dim() != 3:
+        raise ValueError(f"features must be (frames, tokens, dim), got {tuple(features.shape)}")
+    f = torch.nn.functional.normalize(features.float(), dim=-1)
+    return (f[1:] * f[:-1]).sum(-1)
+
+
+def static_positions(similarity: torch.Tensor, start: int, end: int, threshold: float) -> torch.Tensor:
+    """(N,) bool: positions whose similarity stays above ``threshold`` at every transition of frames ``start..end``
+    (inclusive; a single frame makes every position static). ``similarity``: (T - 1, N) from
+    :func:`transition_similarity`."""
+    if end == start:
+        return torch.ones(similarity.shape[1], dtype=torch.bool, device=similarity.device)
+    return (similarity[start:end] > threshold).all(0)
+
+
+def holitom_windows(
+    features: torch.Tensor, threshold: float = 0.8, max_window: int = 1024
+) -> tuple[list[tuple[int, int]], int]:
+    """HoliTom's global temporal segmentation: the partition of the frames into windows ``[start, end]`` that
+    maximises the tokens saved by replacing each window's static positions (similar to the next frame at every
+    transition inside the window, :func:`static_positions`) with one token each, found by dynamic programming.
+
+    A window of ``L`` frames with ``S`` static positions saves ``S * (L - 1)`` tokens. Returns the windows in order
+    and the total saving. ``max_window`` bounds the window length (HoliTom's ``MAX_WINDOW_SIZE``).
+    Reference: Shao et al., "HoliTom: Holistic Token Merging for Fast Video Large Language Models" (NeurIPS 2025).
+    """
+    similarity = transition_similarity(features)
+    frames = features.shape[0]
+    best = [0] * (frames + 1)  # best[e]: best saving for frames 0 .. e-1
+    start_of = [0] * (frames + 1)
+    for end in range(1, frames + 1):
+        best[end], start_of[end] = -1, end - 1
+        static = torch.ones(similarity.shape[1], dtype=torch.bool, device=similarity.device)
+        for start in range(end - 1, max(-1, end - 1 - max_window), -1):  # window = frames start .. end-1
+            if start < end - 1:
+                static &= similarity[start] > threshold
+            saving = best[start] + int(static.sum()) * (end - 1 - start)
+            if saving > best[end]:  # ties keep the shorter window (found first)
+                best[end], start_of[end] = saving, start
+    windows, end = [], frames
+    while end > 0:
+        windows.append((start_of[end], end - 1))
+        end = start_of[end]
+    return windows[::-1], best[frames]
+
+
+def dyseg_cuts(frame_features: torch.Tensor, segments: int = 8, threshold: float = 0.9) -> list[int]:
+    """FastVID's dynamic segmentation (DySeg): cut after frame ``t`` at the ``segments - 1`` transitions of lowest
+    cosine similarity between consecutive frames' global features ``frame_features`` (T, D), and at every transition
+    whose similarity is below ``threshold``. Returns the sorted first frames of segments 2, 3, ...
+
+    Reference: Shen et al., "FastVID: Dynamic Density Pruning for Fast Video Large Language Models" (NeurIPS 2025).
+    """
+    if frame_features.dim() != 2:
+        raise ValueError(f"frame_features must be (frames, dim), got {tuple(frame_features.shape)}")
+    if segments < 1:
+        raise ValueError(f"segments must be at least 1, got {segments}")
+    f = torch.nn.functional.normalize(frame_features.float(), dim=-1)
+    similarity = (f[1:] * f[:-1]).sum(-1)  # (T - 1,)
+    lowest = torch.argsort(similarity, stable=True)[: segments - 1]
+    cuts = set(lowest.tolist()) | set(torch.nonzero(similarity < threshold).flatten().tolist())
+    return sorted(c + 1 for c in cuts)
