@@ -119,7 +119,7 @@ def main() -> None:
         one_case(args, args.one[0], int(args.one[1]))
         return
     model = build(args)
-    methods = args.methods or vlprune.list_methods()
+    methods = args.methods or vlprune.list_methods("image")
     forwarded = [a for a in sys.argv[1:] if a != "--methods" and a not in methods]
     print(f"decoder {args.layers} x {args.hidden}, vision {args.vision_layers} x {args.vision_hidden}, "
           f"keep {args.ratio:.3f} of the visual tokens, {torch.get_num_threads()} threads")  # fmt: skip

@@ -183,7 +183,7 @@ def lmms_grid(args) -> list[dict]:
     from .tasks import TASKS, include_path
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    methods = list_methods() if not args.methods else [m.strip() for m in args.methods.split(",")]
+    methods = list_methods("image") if not args.methods else [m.strip() for m in args.methods.split(",")]
     budgets = parse_budgets(args.budgets)
     paths = [str(include_path())] + ([args.include_path] if args.include_path else [])
     manager = TaskManager(include_path=paths, include_defaults=any(t not in TASKS for t in tasks))

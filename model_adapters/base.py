@@ -141,6 +141,10 @@ class Adapter:
         """(h, w) token grid of the batch's ``image``-th image, which has ``count`` tokens."""
         return self.image_grid(count)
 
+    def frames_of(self, store: dict, image: int) -> int:
+        """Frames of the batch's ``image``-th visual input (1 for an image)."""
+        return 1
+
     def layouts(self, visual: torch.Tensor, store: dict) -> list:
         """Per-sample :class:`SampleLayout` from the (B, L) visual mask; images are numbered across the batch in
         the order the model scatters their features."""
@@ -165,7 +169,8 @@ class Adapter:
             images = list(range(first, first + len(counts)))
             first += len(counts)
             grids = [self.grid_of(store, image, c) for image, c in zip(images, counts, strict=True)]
-            out.append(SampleLayout(positions, image_of, local, images, grids))
+            frames = [self.frames_of(store, image) for image in images]
+            out.append(SampleLayout(positions, image_of, local, images, grids, frames=frames))
         return out
 
     def decode_positions(self, positions: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ class LlavaAdapter(Adapter):
 
     model_type = "llava"
     summary = "LLaVA-1.5 and other llava-hf conversions: CLIP (or SigLIP) tower, projector, Llama-like decoder"
-    signals = {name: "yes" for name in SIGNALS}  # [CLS] signals need a CLIP tower (checked per model)
+    signals = {name: "yes" for name in SIGNALS if name != "frames"}  # [CLS] signals need a CLIP tower (checked)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

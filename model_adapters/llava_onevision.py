@@ -25,7 +25,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     model_type = "llava_onevision"
     summary = "LLaVA-OneVision: SigLIP tower without [CLS], anyres_max_9 tiles, Qwen2 decoder"
-    signals = {name: "yes" for name in SIGNALS if name not in PER_PATCH}
+    signals = {name: "yes" for name in SIGNALS if name not in (*PER_PATCH, "frames")}  # no video geometry yet
 
     def why_not(self, signals: list[str]) -> str:
         return (

@@ -26,7 +26,7 @@ from ..signals import SignalRequest
 from .base import Adapter
 
 SUPPORTED = ("features", "llm_attention", "llm_keys", "text_attention", "incoming_attention", "hidden")
-SUPPORTED += ("normed_hidden", "embeddings", "grid")
+SUPPORTED += ("normed_hidden", "embeddings", "grid", "frames")
 NO_CLS = ("cls_attention", "vision_hidden", "vision_keys", "vision_qkv")  # read the [CLS] token or its states
 
 
@@ -57,8 +57,11 @@ class Qwen2VLAdapter(Adapter):
         return None if grid is None else [int(t * h * w) // self.merge**2 for t, h, w in grid.tolist()]
 
     def grid_of(self, store: dict, image: int, count: int) -> tuple[int, int] | None:
-        t, h, w = store["grid_thw"][image].tolist()
-        return (h // self.merge, w // self.merge) if t == 1 else None  # a video's tokens are not one 2-D grid
+        _, h, w = store["grid_thw"][image].tolist()
+        return (h // self.merge, w // self.merge)  # of each temporal patch, for a video
+
+    def frames_of(self, store: dict, image: int) -> int:
+        return int(store["grid_thw"][image][0])  # temporal patches (two frames each)
 
     def decode_positions(self, positions: torch.Tensor) -> torch.Tensor:
         deltas = self.base.rope_deltas  # set by the model's own prefill when it computed the M-RoPE index
@@ -120,6 +123,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     model_type = "qwen3_vl"
     summary = "Qwen3-VL: as Qwen2-VL, DeepStack features follow the kept tokens"
+    signals = {name: "yes" for name in SUPPORTED if name != "frames"}  # videos are refused for now
 
     def visual_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
         if input_ids is not None and (input_ids == self.model.config.video_token_id).any():

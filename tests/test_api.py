@@ -214,3 +214,11 @@ def test_precomputed_image_features_are_refused_for_vision_signals(model):
 def test_no_input_is_left_to_the_model(model):
     with vlprune.wrap(model, "random", keep=3), pytest.raises(ValueError, match="exactly one of input_ids"):
         model()
+
+
+def test_methods_by_input_kind():
+    image, video = vlprune.list_methods("image"), vlprune.list_methods("video")
+    assert video == ["dycoke"] and sorted(image + video) == vlprune.list_methods()
+    assert all(vlprune.registry.selector_class(m).video for m in video)
+    with pytest.raises(ValueError, match="inputs must be None, 'image' or 'video', got 'audio'"):
+        vlprune.list_methods("audio")

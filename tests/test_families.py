@@ -20,6 +20,7 @@ SHAPES = {
     "llava_onevision": ((3, 2, ((224, 224),)), (1, 3, ((30, 112), (56, 56))), (5, 1, ((56, 112),))),
 }
 VIDEO_SHAPES = ((3, 2, ((2, 4, 8),)), (1, 3, ((1, 4, 8), (2, 8, 8))), (5, 1, ((3, 4, 4),)))  # (t, h, w) patch grids
+DYCOKE_SHAPES = ((3, 2, ((4, 4, 4),)), (1, 3, ((2, 4, 8), (3, 8, 4))), (5, 1, ((2, 4, 4),)))  # two frames at least
 
 
 def shapes_of(family: str):
@@ -34,16 +35,18 @@ def case(request):
     return family, model
 
 
-def supported(family) -> list[str]:
-    return [m for m, row in vlprune.support_table().items() if row[family.name] != "no"]
+def supported(family, kind: str) -> list[str]:
+    """Methods for ``kind`` ("image" or "video") inputs that the family supports."""
+    table = vlprune.support_table()
+    return [m for m in vlprune.list_methods(kind) if table[m][family.name] != "no"]
 
 
-def check_first_plan(plan, candidates, sizes, budget):
-    """Exact count per image (images of different sizes), everything else (text, LLaVA-NeXT's newlines) intact,
-    ascending order. ``candidates`` (B, L): the visual tokens, computed independently of vlprune."""
+def check_first_plan(plan, candidates, counts):
+    """Exact count per image (``counts[b]``, images of different sizes), everything else (text, LLaVA-NeXT's
+    newlines) intact, ascending order. ``candidates`` (B, L): the visual tokens, computed independently of vlprune."""
     for b in range(candidates.shape[0]):
-        expected = [budget(n) for n in sizes[b]]
-        assert torch.bincount(plan.image_of[b], minlength=len(sizes[b])).tolist() == expected
+        expected = counts[b]
+        assert torch.bincount(plan.image_of[b], minlength=len(expected)).tolist() == expected
         visual = torch.nonzero(candidates[b]).flatten()
         assert torch.equal(plan.visual_rows[b], visual)
         others = torch.nonzero(~candidates[b]).flatten()
@@ -62,7 +65,7 @@ def run(model, inputs, steps=3):
     return logits, out[:, inputs["input_ids"].shape[1] :]
 
 
-@pytest.mark.parametrize("method", vlprune.list_methods())
+@pytest.mark.parametrize("method", vlprune.list_methods("image"))
 @pytest.mark.parametrize("budget", [{"keep": 3}, {"ratio": 0.5}], ids=["keep3", "ratio0.5"])
 def test_every_method_on_every_family(case, method, budget):
     family, model = case
@@ -77,7 +80,7 @@ def video_case(request):
     return family, model
 
 
-@pytest.mark.parametrize("method", vlprune.list_methods())
+@pytest.mark.parametrize("method", vlprune.list_methods("image"))
 @pytest.mark.parametrize("budget", [{"keep": 3}, {"ratio": 0.5}], ids=["keep3", "ratio0.5"])
 def test_every_method_on_qwen_videos(video_case, method, budget):
     """Image methods on video tokens: one budget per video, M-RoPE rows (the temporal one included) kept."""
@@ -86,7 +89,37 @@ def test_every_method_on_qwen_videos(video_case, method, budget):
 
 
 def test_every_supported_method_is_the_identity_at_keep_all_on_videos(video_case):
-    check_identity(*video_case, VIDEO_SHAPES[:2])
+    check_identity(*video_case, VIDEO_SHAPES[:2], "image")
+    check_identity(*video_case, DYCOKE_SHAPES[:2], "video")
+
+
+@pytest.mark.parametrize("budget", [{"ratio": 0.75}, {"keep": 9}, "dycoke-paper"], ids=["ratio0.75", "keep9", "preset"])
+def test_dycoke_on_qwen_videos(video_case, budget):
+    """DyCoke's TTM under the core invariants, on videos of two to four temporal patches."""
+    family, model = video_case
+    if budget == "dycoke-paper":  # the paper's own count: first frame of each group whole, int(0.3 N) of the others
+        check_method(family, model, "dycoke-paper", {}, DYCOKE_SHAPES, count=dycoke_paper_count)
+    else:
+        check_method(family, model, "dycoke", budget, DYCOKE_SHAPES)
+
+
+def dycoke_paper_count(size) -> int:
+    t, h, w = size
+    n = h * w // 4
+    return n + (t - 1) * int(0.3 * n)  # t <= 4: one group
+
+
+def test_dycoke_refuses_images_and_budgets_below_its_floor(video_case):
+    family, model = video_case
+    images = FAMILIES[family.name]
+    inputs = images.inputs(model, shapes_of(family.name)[:1])
+    with vlprune.wrap(model, "dycoke", keep=3), pytest.raises(ValueError, match="at least two frames"):
+        model(**inputs)
+    inputs = family.inputs(model, DYCOKE_SHAPES[:1])  # 4 temporal patches x 4 tokens: the first patch stays whole
+    with vlprune.wrap(model, "dycoke", keep=3), pytest.raises(ValueError, match=r"needs keep >= 4 \(ratio >= 0.250\)"):
+        model(**inputs)
+    with pytest.raises(ValueError, match="dycoke.*llava cannot provide.*no video geometry"):
+        vlprune.wrap(FAMILIES["llava"].build(layers=2), "dycoke", keep=8)
 
 
 def test_a_batch_of_images_and_videos_is_a_clear_error(video_case):
@@ -98,28 +131,34 @@ def test_a_batch_of_images_and_videos_is_a_clear_error(video_case):
         model(**{**inputs, "input_ids": ids})
 
 
-def check_method(family, model, method, budget, shapes):
+def check_method(family, model, method, budget, shapes, count=None):
+    """The invariants for ``method`` (or a preset, with ``count(size)`` its kept tokens per input) on ``shapes``."""
     inputs = family.inputs(model, shapes, seed=2)
     candidates, sizes = family.visual_tokens(model, inputs, shapes)
     before = state(model)
-    if vlprune.support_table()[method][family.name] == "no":
+    if count is None and vlprune.support_table()[method][family.name] == "no":
         with pytest.raises(ValueError, match=f"method '{method}'.*{family.name}|{family.name}.*'{method}'"):
             vlprune.wrap(model, method, **budget, **TINY_PARAMS.get(method, {}))
         assert state(model) == before
         return
+    if count is None:
+        stage = vlprune.Stage(method, **budget)
+        counts = [[stage.budget(n) for n in sizes[b]] for b in range(len(shapes))]
+    else:
+        counts = [[count(size) for size in shape[2]] for shape in shapes]
     with vlprune.wrap(model, method, **budget, **TINY_PARAMS.get(method, {})) as pruned:
         logits, tokens = run(model, inputs)
         plans = list(pruned.plans)
         ids = inputs["input_ids"]
-        stage = vlprune.Stage(method, **budget)
-        check_first_plan(plans[0], candidates, sizes, stage.budget)
+        check_first_plan(plans[0], candidates, counts)
         # forward equals the hand-written loop on the same inputs with the unpruned sequence's positions
         positions = family.positions(model, inputs)
         embeds = embed(model, ids, family.pixels(inputs), **family.image_kwargs(inputs))
         stages = [(p.layer, p.keep_tokens, merges_of(p, ids)) for p in plans]
         with torch.no_grad():
             stack = deepstack_of(model, ids, family.pixels(inputs), **family.image_kwargs(inputs))
-            expected = layer_loop(model, embeds, inputs["attention_mask"], positions, stages, deepstack=stack)
+            renumber = pruned.config.positions == "renumber"
+            expected = layer_loop(model, embeds, inputs["attention_mask"], positions, stages, renumber, stack)
             expected_tokens = greedy(
                 model,
                 ids,
@@ -127,6 +166,7 @@ def check_method(family, model, method, budget, shapes):
                 family.pixels(inputs),
                 plans,
                 steps=tokens.shape[1],
+                renumber=renumber,
                 positions_fn=lambda i, m: family.positions(model, {**inputs, "input_ids": i, "attention_mask": m}),
                 image_kwargs=family.image_kwargs(inputs),
             )
@@ -146,13 +186,13 @@ def check_method(family, model, method, budget, shapes):
 
 
 def test_every_supported_method_is_the_identity_at_keep_all(case):
-    check_identity(*case, shapes_of(case[0].name)[:2])
+    check_identity(*case, shapes_of(case[0].name)[:2], "image")
 
 
-def check_identity(family, model, shapes):
+def check_identity(family, model, shapes, kind):
     inputs = family.inputs(model, shapes, seed=4)
     reference = run(model, inputs)
-    for method in supported(family):
+    for method in supported(family, kind):
         with vlprune.wrap(model, method, keep=10_000, **TINY_PARAMS.get(method, {})) as pruned:
             got = run(model, inputs)
             assert pruned.plans[0].kept_per_sample == pruned.plans[0].num_visual

@@ -166,3 +166,38 @@ def test_holitom_windows_on_a_hand_example():
     # one window saves 1 * 3 = 3; [0,1] + [2,3] saves 2 * 1 + 2 * 1 = 4
     assert (windows, saved) == ([(0, 1), (2, 3)], 4)
     assert holitom_windows(features, max_window=1) == ([(0, 0), (1, 1), (2, 2), (3, 3)], 0)
+
+
+def planted_video() -> torch.Tensor:
+    """(6 frames x 4 positions, 3) features: each frame equals its DyCoke reference frame except at one planted
+    position (frame 1 vs 0 at 2, frame 2 vs 0 at 1, frame 3 vs 2 at 3, frame 5 vs 4 at 0; frame 4 is new)."""
+    g = torch.Generator().manual_seed(0)
+    frames = [torch.rand(4, 3, generator=g) + 0.5]
+    for ref, changed in [(0, 2), (0, 1), (2, 3), (None, None), (4, 0)]:  # frames 1..5
+        frame = torch.rand(4, 3, generator=g) + 0.5 if ref is None else frames[ref].clone()
+        if changed is not None:
+            frame[changed] = torch.tensor([1.0, -1.0, 0.0])  # far from any positive vector
+        frames.append(frame)
+    return torch.cat(frames)
+
+
+def test_dycoke_keeps_first_frames_whole_and_what_changed_elsewhere():
+    from vlprune import create_selector
+    from vlprune.signals import TokenView
+
+    view = TokenView(index=torch.arange(24), grid=(2, 2), image=0, frames=6, features=planted_video())
+    dycoke = create_selector("dycoke")
+    kept = sorted(dycoke.select(view, 12).tolist())  # frames 0 and 4 whole (8) + one token each of 1, 2, 3, 5
+    assert kept == sorted([0, 1, 2, 3, 16, 17, 18, 19] + [4 + 2, 8 + 1, 12 + 3, 20 + 0])
+    more = sorted(dycoke.select(view, 14).tolist())  # two spare tokens more go to the earliest frames (1 and 2)
+    assert len(more) == 14 and set(kept) < set(more) and {4 + 2, 8 + 1} <= set(more)
+    assert len([i for i in more if 4 <= i < 8]) == 2 and len([i for i in more if 8 <= i < 12]) == 2
+    paper = create_selector("dycoke", prune_ratio=0.5)  # the paper's own count: int(0.5 * 4) = 2 per other frame
+    assert paper.count(view, 1) == 8 + 4 * 2 and len(paper.select(view, 1)) == 16
+    with pytest.raises(ValueError, match=r"needs keep >= 8 \(ratio >= 0.333\), got 7"):
+        dycoke.select(view, 7)
+    image = TokenView(index=torch.arange(4), grid=(2, 2), image=1, features=planted_video()[:4])
+    with pytest.raises(ValueError, match="at least two frames .* input 1 has one: use an image method"):
+        dycoke.select(image, 2)
+    with pytest.raises(ValueError, match=r"prune_ratio must be in \[0, 1\], got 1.5"):
+        create_selector("dycoke", prune_ratio=1.5)

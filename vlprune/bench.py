@@ -58,7 +58,7 @@ def shapes_table(args) -> list[dict]:
     model, processor = loaded.model, loaded.processor
     if not loaded.is_embedded:
         raise ValueError("the shapes suite needs the embedded model (or a model trained on its prompt format)")
-    methods = list_methods() if not args.methods else [m.strip() for m in args.methods.split(",")]
+    methods = list_methods("image") if not args.methods else [m.strip() for m in args.methods.split(",")]
     fractions = [float(f) for f in args.fractions.split(",")]
     samples = shapes.split("test", args.samples)
     out = Path(args.out)

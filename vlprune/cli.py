@@ -168,6 +168,11 @@ def cmd_run(args) -> int:
     unknown = [m for m in methods if m not in list_methods()]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; available: {', '.join(list_methods())}")
+    temporal = [m for m in methods if m in list_methods("video")]
+    if temporal:
+        raise SystemExit(
+            f"{temporal} prune videos, and `vlprune run` takes an image; image methods: {list_methods('image')}"
+        )
     image = Image.open(args.image).convert("RGB")
     loaded = load(args.model)
     outcomes = compare(loaded, image, args.question, methods, budget_of(args), args.max_new_tokens)

@@ -28,7 +28,7 @@ def build(model: str | None = None):
 
     loaded = load(model)
     model_type = loaded.model.config.model_type
-    methods = [m for m in list_methods() if support(m, model_type) != "no"]
+    methods = [m for m in list_methods("image") if support(m, model_type) != "no"]
 
     def run(image, question, chosen, keep):
         if image is None or not question or not question.strip():

@@ -46,9 +46,14 @@ def register_adapter(model_type: str) -> Callable[[T], T]:
     return _register(_ADAPTERS, "adapter", model_type)
 
 
-def list_methods() -> list[str]:
-    """Registered selector names, sorted."""
-    return sorted(_SELECTORS)
+def list_methods(inputs: str | None = None) -> list[str]:
+    """Registered selector names, sorted; ``inputs="image"`` leaves out the video-only (temporal) methods,
+    ``inputs="video"`` lists only them."""
+    if inputs not in (None, "image", "video"):
+        raise ValueError(f"inputs must be None, 'image' or 'video', got {inputs!r}")
+    if inputs is None:
+        return sorted(_SELECTORS)
+    return sorted(name for name, cls in _SELECTORS.items() if cls.video == (inputs == "video"))
 
 
 def list_models() -> list[str]:

@@ -30,7 +30,8 @@ class SampleLayout:
     index in the batch's feature tensors (``images``) and token grid (``grids``). ``fixed``: positions of image
     placeholders that are always kept and are not candidates (LLaVA-NeXT's row-end newlines); they count neither as
     visual tokens nor as text. For tiled images, ``tile_of`` (n,) gives each visual token's tile within its image and
-    ``tile_grids`` per image the token grid of each tile (budgets ``per="tile"``)."""
+    ``tile_grids`` per image the token grid of each tile (budgets ``per="tile"``). ``frames`` per image: its frame
+    count (videos; ``None``: every image has one frame, and then ``grids`` are whole images)."""
 
     positions: torch.Tensor
     image_of: torch.Tensor
@@ -40,6 +41,7 @@ class SampleLayout:
     fixed: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     tile_of: torch.Tensor | None = None
     tile_grids: list[list[tuple[int, int] | None]] | None = None
+    frames: list[int] | None = None
 
     def units(self, j: int, per: str) -> list[tuple[torch.Tensor | None, tuple[int, int] | None]]:
         """The budget units of image ``j``: ``(tile mask over the sample's visual tokens or None, grid)`` each."""
@@ -70,9 +72,12 @@ def resolve(config: PruneConfig, adapter) -> list[ResolvedStage]:
             )
         missing = missing_signals(selector, adapter.signals)
         if missing:
+            why = adapter.why_not(missing)
+            if "frames" in missing:  # a video method on a family without video geometry
+                why = "vlprune has no video geometry for it yet (video methods run on Qwen2-VL and Qwen2.5-VL)"
             raise ValueError(
-                f"method {stage.method!r} needs {missing}, which {adapter.model_type} cannot provide: "
-                f"{adapter.why_not(missing)} (see vlprune.support_table())"
+                f"method {stage.method!r} needs {missing}, which {adapter.model_type} cannot provide: {why} "
+                "(see vlprune.support_table())"
             )
         requests = selector.requests(layer, adapter.vision_depth)
         inside = sorted({r.name for r in requests} & {"cls_attention", "vision_hidden", "vision_keys", "projector"})
@@ -136,7 +141,7 @@ def _tokenwise(view: TokenView, inputs: StageInputs, b: int, slots: torch.Tensor
 def _view(inputs: StageInputs, layout, b: int, j: int, grid, slots, local, text_slots, wanted):
     image = layout.images[j]
     vision, row = inputs.vision, inputs.rows[b].cpu()
-    view = TokenView(index=local, grid=grid, image=j)
+    view = TokenView(index=local, grid=grid, image=j, frames=layout.frames[j] if layout.frames else 1)
     if ("features", None) in wanted:
         view.all_features = vision["features"][image]
         view.features = view.all_features[local.to(view.all_features.device)]

@@ -22,6 +22,8 @@ signal                  value in a :class:`TokenView` (one image's ``n`` candida
 ``projector``           ``view.vision_hidden`` plus ``view.project``, the projector   projector pre-hook
                         as an fp32 function of ``(m, Dv)`` inputs
 ``grid``                ``(h, w)`` token grid of the image                            adapter geometry
+``frames``              ``view.frames``: a video's frame count; its tokens are         adapter geometry
+                        ``frames x h x w`` in raster order, ``view.grid`` per frame
 ``vision_qkv``          not in a view: each vision attention layer's query, key and   scoring attention function
                         value before the feature layer, streamed to a tower selector
 ======================  ==========================================================  ===============================
@@ -51,6 +53,7 @@ SIGNALS = (
     "vision_keys",
     "projector",
     "grid",
+    "frames",
     "vision_qkv",
 )
 LAYERED = ("cls_attention", "llm_attention", "text_attention", "llm_keys")  # keyed by a layer
@@ -81,7 +84,11 @@ class TokenView:
         Raster index of each candidate token within its image's token grid (ascending). Equal to ``arange(n)``
         unless an earlier stage already removed tokens of this image.
     grid : (int, int) or None
-        ``(h, w)`` of the image's full token grid, ``None`` when the tokens do not form a grid.
+        ``(h, w)`` of the image's full token grid (of each frame, for a video), ``None`` when the tokens do not form
+        a grid.
+    frames : int
+        Frames of a video (its tokens are ``frames x h x w`` in raster order; temporal patches on Qwen-VL); 1 for an
+        image.
     image : int
         Ordinal of the image within its sample (0 for the first image of the prompt).
     all_features : Tensor (N, D) or None
@@ -96,6 +103,7 @@ class TokenView:
     index: torch.Tensor
     grid: tuple[int, int] | None
     image: int
+    frames: int = 1
     features: torch.Tensor | None = None
     all_features: torch.Tensor | None = None
     cls_attention: dict[int, torch.Tensor] = field(default_factory=dict)

@@ -3,6 +3,7 @@
 from . import (  # noqa: F401  (registration)
     dart,
     divprune,
+    dycoke,
     fastervlm,
     fastv,
     flowcut,

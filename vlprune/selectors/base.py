@@ -58,7 +58,8 @@ class Selector:
     returns which of its ``view.n`` candidate tokens to keep (a LongTensor), or a :class:`Selection` when it merges.
 
     Class attributes: ``space`` is ``"llm"`` (acts on decoder hidden states at its layer) or ``"vision"`` (acts on
-    the projector's input, so only before the LLM, ``layer=0``); ``merges`` says whether it can return merges.
+    the projector's input, so only before the LLM, ``layer=0``); ``merges`` says whether it can return merges;
+    ``video`` marks a temporal method, which needs videos (several frames) and refuses images.
     """
 
     name: ClassVar[str] = ""
@@ -68,6 +69,7 @@ class Selector:
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     tower: ClassVar[bool] = False
+    video: ClassVar[bool] = False
 
     def requests(self, layer: int, vision_depth: int) -> list[SignalRequest]:
         """Signals needed by a stage of this selector that prunes before decoder layer ``layer``, on a model whose

@@ -1,0 +1,94 @@
+"""DyCoke (Tao et al., CVPR 2025, https://arxiv.org/abs/2411.15024): temporal token merging (TTM) of video tokens
+before the LLM. Frames go in groups of four: the first frame of each group is kept whole; every other frame keeps
+only its tokens least similar (cosine, same spatial position) to a reference frame — frame ``2i + 1`` against frame
+``2i``, and the third frame of a group against the group's first. Despite the name, the dropped tokens are
+discarded, not averaged.
+
+DyCoke's second stage (pruning the KV cache while decoding) is not implemented yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import register_selector
+from ..signals import SignalRequest, TokenView
+from .base import Selector, only_layer0
+
+GROUP = 4  # frames per group: the first is kept whole
+
+
+def reference_frame(frame: int) -> int:
+    """The frame that ``frame`` (not the first of its group of four) is compared with."""
+    return frame - 1 if frame % 2 else frame - 2
+
+
+def anchors(frames: int) -> list[int]:
+    """Frames kept whole: the first of each group of four."""
+    return list(range(0, frames, GROUP))
+
+
+@register_selector("dycoke")
+@dataclass
+class DyCoke(Selector):
+    """DyCoke's TTM. The budget decides how many tokens the non-first frames keep together (as evenly as possible,
+    earlier frames first); it must cover the first frames of all groups, kept whole. ``prune_ratio`` (the paper's
+    ``K``, 0.7 in its release) instead keeps ``int((1 - K) * N)`` of the ``N`` tokens of every other frame, the
+    paper's own count, whatever the budget."""
+
+    prune_ratio: float | None = None
+
+    summary = "DyCoke TTM: keep every 4th frame, others keep tokens least like their reference frame (video)"
+    paper = "https://arxiv.org/abs/2411.15024"
+    video = True
+
+    def __post_init__(self) -> None:
+        if self.prune_ratio is not None and not 0 <= self.prune_ratio <= 1:
+            raise ValueError(f"dycoke prune_ratio must be in [0, 1], got {self.prune_ratio!r}")
+
+    def requests(self, layer: int, vision_depth: int) -> list[SignalRequest]:
+        only_layer0("dycoke", layer)
+        return [SignalRequest("features"), SignalRequest("frames")]
+
+    def _geometry(self, view: TokenView) -> tuple[int, int]:
+        frames = view.frames
+        if frames < 2:
+            raise ValueError(
+                "dycoke merges tokens across frames and needs a video of at least two frames (temporal patches); "
+                f"input {view.image} has one: use an image method"
+            )
+        per_frame = view.n // frames
+        if view.n != frames * per_frame or (view.grid is not None and view.grid[0] * view.grid[1] != per_frame):
+            raise ValueError(f"dycoke needs every token of the video; input {view.image} has {view.n} candidates")
+        return frames, per_frame
+
+    def count(self, view: TokenView, keep: int) -> int:
+        if self.prune_ratio is None:
+            return keep
+        frames, per_frame = self._geometry(view)
+        kept_anchors = len(anchors(frames))
+        return kept_anchors * per_frame + (frames - kept_anchors) * int((1 - self.prune_ratio) * per_frame)
+
+    def select(self, view: TokenView, keep: int) -> torch.Tensor:
+        frames, per_frame = self._geometry(view)
+        whole = anchors(frames)
+        others = [f for f in range(frames) if f not in whole]
+        keep = self.count(view, keep)
+        spare = keep - len(whole) * per_frame
+        if spare < 0:
+            need = len(whole) * per_frame
+            raise ValueError(
+                f"dycoke keeps the first frame of every group of {GROUP} whole: input {view.image} ({frames} frames "
+                f"x {per_frame} tokens) needs keep >= {need} (ratio >= {need / view.n:.3f}), got {keep}"
+            )
+        x = F.normalize(view.features.float(), dim=-1).reshape(frames, per_frame, -1)  # (T, N, D)
+        chosen = [torch.arange(f * per_frame, (f + 1) * per_frame) for f in whole]
+        for i, f in enumerate(others):
+            n = spare // len(others) + (i < spare % len(others))
+            similarity = (x[f] * x[reference_frame(f)]).sum(-1)  # (N,)
+            least = torch.sort(similarity, stable=True).indices[:n]
+            chosen.append(f * per_frame + least.cpu())
+        return torch.cat(chosen)
