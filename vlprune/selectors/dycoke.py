@@ -4,6 +4,11 @@ only its tokens least similar (cosine, same spatial position) to a reference fra
 ``2i``, and the third frame of a group against the group's first. Despite the name, the dropped tokens are
 discarded, not averaged.
 
+This follows the paper and the method as described; the release's ``dycole_ttm`` differs in three ways that look
+like slips and are not reproduced: an odd frame's tokens are ranked with the *previous* pair's similarities
+(``similarities[(i - 2) // 2]``, the last pair's for the first), the third frame of the last group of four is never
+pruned (its loop stops at ``num_frames - 4``), and with an odd frame count the last frame is dropped.
+
 DyCoke's second stage (pruning the KV cache while decoding) is not implemented yet.
 """
 
