@@ -6,13 +6,21 @@ most about nine tiles' worth of tokens, so those tokens are mixtures of patches;
 
 Tokens, newlines and budgets are as for LLaVA-NeXT (:mod:`.llava_next`): row-end newlines are never pruned, budgets
 are per image across its tiles. Methods that need the tower's [CLS] token or per-patch vision states are refused.
-Prompts with videos are refused for now (the video issue).
+
+Videos: every frame goes through the tower and projector, then a 2 x 2 bilinear pooling (27 x 27 -> 14 x 14 on the
+released models), and one newline token follows the whole video. A video is one budget unit of ``frames x h x w``
+tokens (``grid`` per frame, ``frames``); its newline is never pruned. A batch holds images or videos, not both.
 """
 
 from __future__ import annotations
 
+import torch
+
+from ..hooks import HookSet
 from ..registry import register_adapter
-from ..signals import SIGNALS
+from ..schedule import SampleLayout
+from ..signals import SIGNALS, SignalRequest
+from .base import Adapter
 from .llava_next import LlavaNextAdapter
 
 PER_PATCH = ("cls_attention", "vision_hidden", "vision_keys", "vision_qkv", "projector")
@@ -20,15 +28,94 @@ PER_PATCH = ("cls_attention", "vision_hidden", "vision_keys", "vision_qkv", "pro
 
 @register_adapter("llava_onevision")
 class LlavaOnevisionAdapter(LlavaNextAdapter):
-    """Signals: ``features`` (packed, newlines excluded), every decoder-side signal, ``grid`` (single-tile images).
-    No [CLS]."""
+    """Signals: ``features`` (packed, newlines excluded; pooled per frame for videos), every decoder-side signal,
+    ``grid`` (single-tile images; each frame of a video), ``frames`` (videos). No [CLS]."""
 
     model_type = "llava_onevision"
-    summary = "LLaVA-OneVision: SigLIP tower without [CLS], anyres_max_9 tiles, Qwen2 decoder"
-    signals = {name: "yes" for name in SIGNALS if name not in (*PER_PATCH, "frames")}  # no video geometry yet
+    summary = "LLaVA-OneVision: SigLIP tower without [CLS], anyres_max_9 tiles, pooled video frames, Qwen2 decoder"
+    signals = {name: "yes" for name in SIGNALS if name not in PER_PATCH}
 
     def why_not(self, signals: list[str]) -> str:
         return (
             "its SigLIP vision tower has no [CLS] token, and the tokens of large images are interpolated from several "
             "patches; use a method reading projected features or decoder attention"
         )
+
+    # --- tokens ------------------------------------------------------------------------------------------------
+    def visual_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
+        images = Adapter.visual_mask(self, input_ids, inputs_embeds)
+        if input_ids is None:
+            return images
+        videos = input_ids == self.model.config.video_token_id
+        if images.any() and videos.any():
+            raise ValueError(
+                f"vlprune prunes {self.model_type} batches of images or batches of videos, not both in one batch yet; "
+                "pass them in separate calls"
+            )
+        return images | videos
+
+    def image_sizes(self, store: dict) -> list[int] | None:
+        if "videos" in store:
+            return [frames * store["frame_tokens"] + 1 for frames in store["videos"]]  # + the video's newline
+        return super().image_sizes(store)
+
+    def grid_of(self, store: dict, image: int, count: int) -> tuple[int, int] | None:
+        if "videos" in store:
+            return self.image_grid(store["frame_tokens"])
+        return super().grid_of(store, image, count)
+
+    def frames_of(self, store: dict, image: int) -> int:
+        return store["videos"][image] if "videos" in store else 1
+
+    def layouts(self, visual: torch.Tensor, store: dict) -> list:
+        if "videos" not in store:
+            return super().layouts(visual, store)
+        out = []
+        for layout in Adapter.layouts(self, visual, store):
+            counts = torch.bincount(layout.image_of, minlength=len(layout.images))
+            last = torch.cumsum(counts, 0) - 1  # each video's newline: its last placeholder
+            visual_token = torch.ones(layout.positions.numel(), dtype=torch.bool)
+            visual_token[last] = False
+            out.append(
+                SampleLayout(
+                    positions=layout.positions[visual_token],
+                    image_of=layout.image_of[visual_token],
+                    local=layout.local[visual_token],
+                    images=layout.images,
+                    grids=layout.grids,
+                    fixed=layout.positions[~visual_token],
+                    frames=layout.frames,
+                )
+            )
+        return out
+
+    # --- signals -----------------------------------------------------------------------------------------------
+    def install_vision(self, requests: list[SignalRequest], store: dict, hooks: HookSet) -> None:
+        super().install_vision(requests, store, hooks)
+        features = any(r.name == "features" for r in requests)
+        hooks.method(self.base, "get_video_features", lambda original: self._video_encoder(original, store, features))
+
+    def _packer(self, original, store: dict):
+        pack = super()._packer(original, store)
+
+        def run(*args, **kwargs):
+            store.pop("videos", None)  # this call encodes images
+            return pack(*args, **kwargs)
+
+        return run
+
+    def _video_encoder(self, original, store: dict, wants_features: bool):
+        """``get_video_features`` that also records each video's frame count and tokens per frame, and (for the
+        ``features`` signal) each video's pooled frame tokens without its newline."""
+
+        def encode(pixel_values_videos, *args, **kwargs):
+            out = original(pixel_values_videos, *args, **kwargs)
+            videos, frames = pixel_values_videos.shape[:2]
+            pooled = out.pooler_output  # (videos, frames * per_frame + 1, D)
+            store.pop("packed", None)
+            store["videos"], store["frame_tokens"] = [frames] * videos, (pooled.shape[1] - 1) // frames
+            if wants_features:
+                store["features"] = [p[:-1].detach() for p in pooled]
+            return out
+
+        return encode

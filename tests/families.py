@@ -204,6 +204,10 @@ class QwenVideo:
     def thw(size) -> tuple[int, int, int]:
         return tuple(size)
 
+    def frames(self, size) -> tuple[int, int]:
+        """(frames, tokens per frame) of a video of ``size``."""
+        return size[0], size[1] * size[2] // 4
+
 
 class Qwen2VLVideo(QwenVideo, Qwen2VL):
     pass
@@ -376,5 +380,48 @@ class LlavaOnevision(LlavaNext):
         return one
 
 
+class LlavaOnevisionVideo(LlavaOnevision):
+    """Videos: each ``size`` is a frame count (equal within a batch: one (videos, frames, 3, 56, 56) tensor); 56 px
+    frames give 4 x 4 patches, pooled to 2 x 2 = 4 tokens per frame, then one newline per video."""
+
+    per_frame = 4
+
+    def inputs(self, model, shapes, seed=0) -> dict:
+        prompts, frames = [], [size for shape in shapes for size in shape[2]]
+        for i, (before, after, sizes) in enumerate(shapes):
+            g = torch.Generator().manual_seed(seed + i)
+            ids = [1] + _text(g, before)
+            for size in sizes:
+                ids += [VIDEO] * (size * self.per_frame + 1) + _text(g, after)
+            prompts.append(ids)
+        ids, mask = batch(prompts)
+        g = torch.Generator().manual_seed(1000 + seed)
+        pixels = torch.randn(len(frames), max(frames), 3, 56, 56, generator=g)
+        return dict(input_ids=ids, attention_mask=mask, pixel_values_videos=pixels)
+
+    def pixels(self, inputs) -> torch.Tensor:
+        return inputs["pixel_values_videos"]
+
+    def image_kwargs(self, inputs) -> dict:
+        return {"videos": True}
+
+    def visual_tokens(self, model, inputs, shapes):
+        visual = inputs["input_ids"] == VIDEO
+        ends = visual & ~torch.cat([visual[:, 1:], torch.zeros_like(visual[:, :1])], 1)  # each video's last: newline
+        return visual & ~ends, [[self.tokens(s) for s in shape[2]] for shape in shapes]
+
+    def tokens(self, size) -> int:
+        return size * self.per_frame
+
+    def frames(self, size) -> tuple[int, int]:
+        return size, self.per_frame
+
+    def split(self, inputs, shapes, b: int) -> dict:
+        first = sum(len(s[2]) for s in shapes[:b])
+        one = self._one(inputs, b)
+        one["pixel_values_videos"] = inputs["pixel_values_videos"][first : first + len(shapes[b][2])]
+        return one
+
+
 FAMILIES = {f.name: f for f in (Llava(), Qwen2VL(), Qwen25VL(), Qwen3VL(), InternVL(), LlavaNext(), LlavaOnevision())}
-VIDEO_FAMILIES = {f.name: f for f in (Qwen2VLVideo(), Qwen25VLVideo())}  # same model types, video inputs
+VIDEO_FAMILIES = {f.name: f for f in (Qwen2VLVideo(), Qwen25VLVideo(), LlavaOnevisionVideo())}  # video inputs

@@ -10,14 +10,21 @@ import vlprune
 
 def embed(model, ids: torch.Tensor, pixel_values: torch.Tensor | None, **image_kwargs) -> torch.Tensor:
     """inputs_embeds with image features scattered in, as the base model's forward does (``image_kwargs``: e.g.
-    ``image_grid_thw`` for Qwen-VL; with ``video_grid_thw``, ``pixel_values`` are a Qwen-VL video batch)."""
+    ``image_grid_thw`` for Qwen-VL). Videos: ``video_grid_thw`` (Qwen-VL) or ``videos=True`` (LLaVA-OneVision), and
+    ``pixel_values`` are the video batch."""
     base = model.model
     embeds = base.get_input_embeddings()(ids)
-    video = "video_grid_thw" in image_kwargs
+    video = bool(image_kwargs.pop("videos", False)) or "video_grid_thw" in image_kwargs
     token = model.config.video_token_id if video else model.config.image_token_id
     if pixel_values is None or not (ids == token).any():
         return embeds
-    if video:
+    if video and "video_grid_thw" not in image_kwargs:  # LLaVA-OneVision: pooled frames, then a newline per video
+        config = model.config
+        layer, strategy = config.vision_feature_layer, config.vision_feature_select_strategy
+        feats = base.get_video_features(
+            pixel_values_videos=pixel_values, vision_feature_layer=layer, vision_feature_select_strategy=strategy
+        )
+    elif video:
         feats = base.get_video_features(pixel_values_videos=pixel_values, return_dict=True, **image_kwargs)
     else:
         feats = base.get_image_features(pixel_values=pixel_values, return_dict=True, **image_kwargs)

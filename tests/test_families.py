@@ -19,8 +19,18 @@ SHAPES = {
     "llava_next": ((3, 2, ((56, 112),)), (1, 3, ((30, 112), (56, 56))), (5, 1, ((56, 56),))),  # pixels (H, W)
     "llava_onevision": ((3, 2, ((224, 224),)), (1, 3, ((30, 112), (56, 56))), (5, 1, ((56, 112),))),
 }
-VIDEO_SHAPES = ((3, 2, ((2, 4, 8),)), (1, 3, ((1, 4, 8), (2, 8, 8))), (5, 1, ((3, 4, 4),)))  # (t, h, w) patch grids
-DYCOKE_SHAPES = ((3, 2, ((4, 4, 4),)), (1, 3, ((2, 4, 8), (3, 8, 4))), (5, 1, ((2, 4, 4),)))  # two frames at least
+VIDEO_SHAPES = {  # Qwen-VL: (t, h, w) patch grids; LLaVA-OneVision: frames (one count per batch)
+    "qwen": ((3, 2, ((2, 4, 8),)), (1, 3, ((1, 4, 8), (2, 8, 8))), (5, 1, ((3, 4, 4),))),
+    "llava_onevision": ((3, 2, (4,)), (1, 3, (4, 4)), (5, 1, (4,))),
+}
+DYCOKE_SHAPES = {  # two frames at least
+    "qwen": ((3, 2, ((4, 4, 4),)), (1, 3, ((2, 4, 8), (3, 8, 4))), (5, 1, ((2, 4, 4),))),
+    "llava_onevision": ((3, 2, (4,)), (1, 3, (4, 4)), (5, 1, (4,))),
+}
+
+
+def video_shapes(family, table=VIDEO_SHAPES):
+    return table.get(family.name, table["qwen"])
 
 
 def shapes_of(family: str):
@@ -76,7 +86,7 @@ def test_every_method_on_every_family(case, method, budget):
 def video_case(request):
     family = VIDEO_FAMILIES[request.param]
     model = family.build(layers=10)
-    run(model, family.inputs(model, VIDEO_SHAPES[:1]))
+    run(model, family.inputs(model, video_shapes(family)[:1]))
     return family, model
 
 
@@ -85,28 +95,28 @@ def video_case(request):
 def test_every_method_on_qwen_videos(video_case, method, budget):
     """Image methods on video tokens: one budget per video, M-RoPE rows (the temporal one included) kept."""
     family, model = video_case
-    check_method(family, model, method, budget, VIDEO_SHAPES)
+    check_method(family, model, method, budget, video_shapes(family))
 
 
 def test_every_supported_method_is_the_identity_at_keep_all_on_videos(video_case):
-    check_identity(*video_case, VIDEO_SHAPES[:2], "image")
-    check_identity(*video_case, DYCOKE_SHAPES[:2], "video")
+    check_identity(*video_case, video_shapes(video_case[0])[:2], "image")
+    check_identity(*video_case, video_shapes(video_case[0], DYCOKE_SHAPES)[:2], "video")
 
 
 @pytest.mark.parametrize("budget", [{"ratio": 0.75}, {"keep": 9}, "dycoke-paper"], ids=["ratio0.75", "keep9", "preset"])
 def test_dycoke_on_qwen_videos(video_case, budget):
     """DyCoke's TTM under the core invariants, on videos of two to four temporal patches."""
     family, model = video_case
+    shapes = video_shapes(family, DYCOKE_SHAPES)
     if budget == "dycoke-paper":  # the paper's own count: first frame of each group whole, int(0.3 N) of the others
-        check_method(family, model, "dycoke-paper", {}, DYCOKE_SHAPES, count=dycoke_paper_count)
+
+        def count(size) -> int:
+            frames, n = family.frames(size)
+            return n + (frames - 1) * int(0.3 * n)  # frames <= 4: one group
+
+        check_method(family, model, "dycoke-paper", {}, shapes, count=count)
     else:
-        check_method(family, model, "dycoke", budget, DYCOKE_SHAPES)
-
-
-def dycoke_paper_count(size) -> int:
-    t, h, w = size
-    n = h * w // 4
-    return n + (t - 1) * int(0.3 * n)  # t <= 4: one group
+        check_method(family, model, "dycoke", budget, shapes)
 
 
 def test_dycoke_refuses_images_and_budgets_below_its_floor(video_case):
@@ -115,7 +125,7 @@ def test_dycoke_refuses_images_and_budgets_below_its_floor(video_case):
     inputs = images.inputs(model, shapes_of(family.name)[:1])
     with vlprune.wrap(model, "dycoke", keep=3), pytest.raises(ValueError, match="at least two frames"):
         model(**inputs)
-    inputs = family.inputs(model, DYCOKE_SHAPES[:1])  # 4 temporal patches x 4 tokens: the first patch stays whole
+    inputs = family.inputs(model, video_shapes(family, DYCOKE_SHAPES)[:1])  # 4 frames x 4 tokens: frame 0 stays whole
     with vlprune.wrap(model, "dycoke", keep=3), pytest.raises(ValueError, match=r"needs keep >= 4 \(ratio >= 0.250\)"):
         model(**inputs)
     with pytest.raises(ValueError, match="dycoke.*llava cannot provide.*no video geometry"):
@@ -124,7 +134,7 @@ def test_dycoke_refuses_images_and_budgets_below_its_floor(video_case):
 
 def test_a_batch_of_images_and_videos_is_a_clear_error(video_case):
     family, model = video_case
-    inputs = family.inputs(model, VIDEO_SHAPES[:1])
+    inputs = family.inputs(model, video_shapes(family)[:1])
     ids = inputs["input_ids"].clone()
     ids[0, 2] = model.config.image_token_id
     with vlprune.wrap(model, "divprune", keep=3), pytest.raises(ValueError, match="images or batches of videos"):

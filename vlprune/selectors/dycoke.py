@@ -89,11 +89,11 @@ class DyCoke(Selector):
                 f"dycoke keeps the first frame of every group of {GROUP} whole: input {view.image} ({frames} frames "
                 f"x {per_frame} tokens) needs keep >= {need} (ratio >= {need / view.n:.3f}), got {keep}"
             )
-        x = F.normalize(view.features.float(), dim=-1).reshape(frames, per_frame, -1)  # (T, N, D)
+        x = view.features.reshape(frames, per_frame, -1)  # (T, N, D); one frame pair in fp32 at a time
         chosen = [torch.arange(f * per_frame, (f + 1) * per_frame) for f in whole]
         for i, f in enumerate(others):
             n = spare // len(others) + (i < spare % len(others))
-            similarity = (x[f] * x[reference_frame(f)]).sum(-1)  # (N,)
+            similarity = F.cosine_similarity(x[f].float(), x[reference_frame(f)].float(), dim=-1)  # (N,)
             least = torch.sort(similarity, stable=True).indices[:n]
             chosen.append(f * per_frame + least.cpu())
         return torch.cat(chosen)
