@@ -1,5 +1,5 @@
 """Video pruning: each method's own decision time and peak extra memory at 6,272 and 25,088 visual tokens (32 and 128
-frames of 196 tokens), and the prefill speed-up on a Qwen2.5-VL-architecture random model with a video prompt.
+frames of 196 tokens), and the prefill speed-up on a LLaVA-OneVision-architecture random model with a video prompt.
 
     python benchmarks/video.py [--frames 32 128 --width 3584 --ratio 0.25 --methods dycoke divprune ...]
                                [--prefill-frames 16 --hidden 512 --layers 4 --vision-hidden 128 --repeats 3]
@@ -8,8 +8,8 @@ Decisions: the selector sees one video's features (random values at ``--width``:
 in (frames, 14 x 14) layout and keeps ``--ratio`` of its tokens. Time is the median over ``--repeats`` runs after a
 warm-up; peak extra memory is the rise of the process's peak resident memory during the decision (Linux
 ``/proc/self/clear_refs``), or of CUDA's peak allocation with ``--device cuda``. Prefill: the whole forward (vision
-tower, merger, decoder, ``logits_to_keep=1``) of one prompt with a video of ``--prefill-frames`` frames at 392 px
-(196 tokens per temporal patch of two frames), unpruned vs each method at ``--ratio`` before the LLM, side by side in
+tower, projector, 2 x 2 pooling, decoder, ``logits_to_keep=1``) of one prompt with a video of ``--prefill-frames``
+frames at 384 px (196 tokens each), unpruned vs each method at ``--ratio`` (at its default layer), side by side in
 this process, with the analytic FLOP ratio (:class:`vlprune.eval.measure.FlopCount`).
 """
 
@@ -99,39 +99,41 @@ def decision_cost(method: str, frames: int, args) -> tuple[float, int]:
     return statistics.median(times), extra
 
 
-def qwen_video_model(args):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def onevision_model(args):
+    """A LLaVA-OneVision-architecture random model: SigLIP at 384 px (27 x 27 patches, pooled to 14 x 14 per frame),
+    a Qwen2 decoder, at the widths given."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
 
     torch.manual_seed(0)
-    text = dict(
-        vocab_size=1024, bos_token_id=1, eos_token_id=2,
-        hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
-        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 128,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
+    vision = SiglipVisionConfig(
+        hidden_size=args.vision_hidden, intermediate_size=args.vision_hidden * 4, num_hidden_layers=args.vision_layers,
+        num_attention_heads=max(1, args.vision_hidden // 64), image_size=384, patch_size=14,
     )  # fmt: skip
-    vision = dict(
-        depth=args.vision_layers, hidden_size=args.vision_hidden, intermediate_size=args.vision_hidden * 4,
-        out_hidden_size=args.hidden, num_heads=max(1, args.vision_hidden // 64), patch_size=14,
-        spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[args.vision_layers - 1],
+    text = Qwen2Config(
+        vocab_size=1024, bos_token_id=1, eos_token_id=2, hidden_size=args.hidden,
+        intermediate_size=args.hidden * 11 // 4, num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 128,
     )  # fmt: skip
-    config = Qwen2_5_VLConfig(
-        text_config=text, vision_config=vision, image_token_id=1000, video_token_id=1001,
-        vision_start_token_id=1002, vision_end_token_id=1003,
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_id=1000, video_token_id=1001,
+        vision_feature_layer=-1, vision_feature_select_strategy="full",
     )  # fmt: skip
-    return Qwen2_5_VLForConditionalGeneration(config).eval()
+    return LlavaOnevisionForConditionalGeneration(config).eval()
 
 
-def video_prompt(model, frames: int, text: int) -> dict:
-    t, h, w = frames // 2, 2 * SIDE, 2 * SIDE  # temporal patches of two frames; 28 x 28 patches -> 14 x 14 tokens
-    video = t * SIDE * SIDE
-    ids = torch.cat([torch.randint(3, 900, (text // 2,)), torch.tensor([1002]), torch.full((video,), 1001)])
-    ids = torch.cat([ids, torch.tensor([1003]), torch.randint(3, 900, (text // 2,))])[None]
+def video_prompt(frames: int, text: int) -> dict:
+    """One prompt: text, a video of ``frames`` frames (196 tokens each, then its newline), text."""
+    placeholders = frames * SIDE * SIDE + 1
+    ids = torch.cat(
+        [torch.randint(3, 900, (text // 2,)), torch.full((placeholders,), 1001), torch.randint(3, 900, (text // 2,))]
+    )[None]
     return dict(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        pixel_values_videos=torch.randn(t * h * w, 3 * 2 * 14 * 14),
-        video_grid_thw=torch.tensor([[t, h, w]]),
-        mm_token_type_ids=2 * (ids == 1001).int(),
+        input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=torch.randn(1, frames, 3, 384, 384)
     )
 
 
@@ -171,17 +173,17 @@ def main(argv: list[str] | None = None) -> None:
                 cells.append(f"{seconds * 1e3:>10.1f} ms {extra / 2**20:>9.1f} MiB")
         print(f"{method:<10}" + "".join(f"{c:>28}" for c in cells))
 
-    model = qwen_video_model(args)
-    inputs = video_prompt(model, args.prefill_frames, args.text)
-    tokens = int((inputs["input_ids"] == 1001).sum())
+    model = onevision_model(args)
+    inputs = video_prompt(args.prefill_frames, args.text)
+    tokens = args.prefill_frames * SIDE * SIDE
     base_time, base_flops = median_time(model, inputs, args.repeats), prefill_flops(model, inputs)
     widths = f"decoder {args.layers} x {args.hidden}, vision {args.vision_layers} x {args.vision_hidden}"
     video = f"one video of {args.prefill_frames} frames = {tokens} tokens, keep {args.ratio:.0%}"
-    print(f"\nprefill: Qwen2.5-VL architecture, {widths}, {video}")
+    print(f"\nprefill: LLaVA-OneVision architecture, {widths}, {video}")
     print(f"{'setting':<12}{'prefill s':>10}{'speed-up':>10}{'FLOP ratio':>12}")
     print(f"{'unpruned':<12}{base_time:>10.3f}{1.0:>10.2f}{1.0:>12.3f}")
     for method in methods:
-        if vlprune.support_table()[method]["qwen2_5_vl"] == "no":
+        if vlprune.support_table()[method]["llava_onevision"] == "no":
             continue
         with vlprune.wrap(model, method, ratio=args.ratio):  # each method at its own default layer
             seconds, flops = median_time(model, inputs, args.repeats), prefill_flops(model, inputs)
