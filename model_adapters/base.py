@@ -123,6 +123,20 @@ class Adapter:
         token = torch.tensor(self.image_token_id, device=inputs_embeds.device)
         return (inputs_embeds == self.language_model.get_input_embeddings()(token)).all(-1)
 
+    def images_or_videos(self, input_ids, inputs_embeds, video_token_id: int) -> torch.Tensor:
+        """(B, L) bool: the image placeholders, or the video placeholders; a batch with both is an error (the model
+        encodes them in two vision calls, which vlprune does not order yet)."""
+        images = Adapter.visual_mask(self, input_ids, inputs_embeds)
+        if input_ids is None:
+            return images
+        videos = input_ids == video_token_id
+        if images.any() and videos.any():
+            raise ValueError(
+                f"vlprune prunes {self.model_type} batches of images or batches of videos, not both in one batch yet; "
+                "pass them in separate calls"
+            )
+        return images | videos
+
     def image_token_counts(self, num_visual: int) -> list[int]:
         """Token count of each image of a sample that has ``num_visual`` visual tokens."""
         raise NotImplementedError

@@ -43,16 +43,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     # --- tokens ------------------------------------------------------------------------------------------------
     def visual_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
-        images = Adapter.visual_mask(self, input_ids, inputs_embeds)
-        if input_ids is None:
-            return images
-        videos = input_ids == self.model.config.video_token_id
-        if images.any() and videos.any():
-            raise ValueError(
-                f"vlprune prunes {self.model_type} batches of images or batches of videos, not both in one batch yet; "
-                "pass them in separate calls"
-            )
-        return images | videos
+        return self.images_or_videos(input_ids, inputs_embeds, self.model.config.video_token_id)
 
     def image_sizes(self, store: dict) -> list[int] | None:
         if "videos" in store:

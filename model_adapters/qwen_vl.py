@@ -81,16 +81,7 @@ class Qwen2VLAdapter(Adapter):
             self._check_attention("text_config", method)
 
     def visual_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
-        images = super().visual_mask(input_ids, inputs_embeds)
-        if input_ids is None:
-            return images
-        videos = input_ids == self.model.config.video_token_id
-        if images.any() and videos.any():
-            raise ValueError(
-                f"vlprune prunes {self.model_type} batches of images or batches of videos, not both in one batch yet "
-                "(the model encodes them in two vision calls); pass them in separate calls"
-            )
-        return images | videos
+        return self.images_or_videos(input_ids, inputs_embeds, self.model.config.video_token_id)
 
     def install_vision(self, requests: list[SignalRequest], store: dict, hooks: HookSet) -> None:
         # Every call overwrites: the one vision call before a prefill encoded its images or its videos.

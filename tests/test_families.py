@@ -141,6 +141,21 @@ def test_a_batch_of_images_and_videos_is_a_clear_error(video_case):
         model(**{**inputs, "input_ids": ids})
 
 
+def family_greedy(family, model, inputs, plans, steps: int, renumber: bool) -> torch.Tensor:
+    """The manual greedy loop of :func:`reference.greedy` with the family's own positions and vision inputs."""
+    return greedy(
+        model,
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        family.pixels(inputs),
+        plans,
+        steps=steps,
+        renumber=renumber,
+        positions_fn=lambda i, m: family.positions(model, {**inputs, "input_ids": i, "attention_mask": m}),
+        image_kwargs=family.image_kwargs(inputs),
+    )
+
+
 def check_method(family, model, method, budget, shapes, count=None):
     """The invariants for ``method`` (or a preset, with ``count(size)`` its kept tokens per input) on ``shapes``."""
     inputs = family.inputs(model, shapes, seed=2)
@@ -169,17 +184,7 @@ def check_method(family, model, method, budget, shapes, count=None):
             stack = deepstack_of(model, ids, family.pixels(inputs), **family.image_kwargs(inputs))
             renumber = pruned.config.positions == "renumber"
             expected = layer_loop(model, embeds, inputs["attention_mask"], positions, stages, renumber, stack)
-            expected_tokens = greedy(
-                model,
-                ids,
-                inputs["attention_mask"],
-                family.pixels(inputs),
-                plans,
-                steps=tokens.shape[1],
-                renumber=renumber,
-                positions_fn=lambda i, m: family.positions(model, {**inputs, "input_ids": i, "attention_mask": m}),
-                image_kwargs=family.image_kwargs(inputs),
-            )
+            expected_tokens = family_greedy(family, model, inputs, plans, tokens.shape[1], renumber)
         last = plans[-1].keep_tokens
         real = torch.stack([torch.arange(logits.shape[1]) >= logits.shape[1] - len(k) for k in last])
         torch.testing.assert_close(logits[real], expected[real], rtol=1e-4, atol=1e-5)
@@ -228,17 +233,7 @@ def test_qwen2_vl_original_positions_match_the_reference_and_renumbered_ones_dif
         stages = [(p.layer, p.keep_tokens) for p in plans]
         with torch.no_grad():
             expected = layer_loop(model, embeds, mask, family.positions(model, inputs), stages, renumber=renumber)
-            expected_tokens = greedy(
-                model,
-                ids,
-                mask,
-                family.pixels(inputs),
-                plans,
-                steps=tokens.shape[1],
-                renumber=renumber,
-                positions_fn=lambda i, m: family.positions(model, {**inputs, "input_ids": i, "attention_mask": m}),
-                image_kwargs=family.image_kwargs(inputs),
-            )
+            expected_tokens = family_greedy(family, model, inputs, plans, tokens.shape[1], renumber)
         torch.testing.assert_close(logits[:, -1], expected[:, -1], rtol=1e-4, atol=1e-5)
         assert torch.equal(tokens, expected_tokens)
         outputs[positions] = (logits[:, -1], expected[:, -1])
