@@ -151,8 +151,10 @@ class Qwen2VL(Llava):
         }
 
     def positions(self, model, inputs) -> torch.Tensor:
+        """Positions of the prompt (and of tokens generated after it: text, whatever their ids)."""
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        types = self.type_id * (ids == self.token).int()
+        types = inputs["mm_token_type_ids"]
+        types = torch.cat([types, types.new_zeros(types.shape[0], ids.shape[1] - types.shape[1])], 1)
         return model.model.get_rope_index(ids, types, attention_mask=mask, **self.image_kwargs(inputs))[0]
 
     def pixels(self, inputs) -> torch.Tensor:

@@ -103,18 +103,18 @@ def test_every_supported_method_is_the_identity_at_keep_all_on_videos(video_case
     check_identity(*video_case, video_shapes(video_case[0], DYCOKE_SHAPES)[:2], "video")
 
 
-@pytest.mark.parametrize("budget", [{"ratio": 0.75}, {"keep": 9}, "dycoke-paper"], ids=["ratio0.75", "keep9", "preset"])
+@pytest.mark.parametrize("budget", [{"ratio": 0.75}, {"keep": 9}, "paper"], ids=["ratio0.75", "keep9", "paper-count"])
 def test_dycoke_on_qwen_videos(video_case, budget):
     """DyCoke's TTM under the core invariants, on videos of two to four temporal patches."""
     family, model = video_case
     shapes = video_shapes(family, DYCOKE_SHAPES)
-    if budget == "dycoke-paper":  # the paper's own count: first frame of each group whole, int(0.3 N) of the others
+    if budget == "paper":  # the paper's own count: first frame of each group whole, int(0.3 N) of the others
 
         def count(size) -> int:
             frames, n = family.frames(size)
             return n + (frames - 1) * int(0.3 * n)  # frames <= 4: one group
 
-        check_method(family, model, "dycoke-paper", {}, shapes, count=count)
+        check_method(family, model, "dycoke", {"ratio": 1.0, "prune_ratio": 0.7}, shapes, count=count)
     else:
         check_method(family, model, "dycoke", budget, shapes)
 

@@ -53,6 +53,9 @@ class _Call:
     embeddings: torch.Tensor | None = None
     masks: dict = field(default_factory=dict)  # decode: (segment id, layer kind) -> mask
     positions: dict = field(default_factory=dict)  # decode, renumbered: segment id -> (position_ids, cos, sin)
+    cache_key_mask: torch.Tensor | None = None  # decode, cache stage: (B, Lk) mask of the scored layer
+    cache_scores: torch.Tensor | None = None  # decode, cache stage: (B, Lk) the new token's attention there
+    cache_keep: torch.Tensor | None = None  # decode, cache stage: (B, Lk) entries the later layers attend to
 
 
 @dataclass
@@ -78,6 +81,10 @@ class Pruned:
     selector_seconds : float
         Wall time spent deciding plans (the selectors and the views they read) since :func:`wrap`; the benchmarks
         report it per prefill. Decisions inside the vision tower (FlowCut) are not included.
+    cache_plans : list
+        With a decode-time cache stage (DyCoke's ``cache_prune_ratio``): per decoding step since the last prefill,
+        per sample, the input rows of the visual cache entries the later layers attended to (ascending), or ``None``
+        when they attended to all of them.
     """
 
     def __init__(self, model: nn.Module, config: PruneConfig, adapter, stages: list[ResolvedStage]) -> None:
@@ -94,12 +101,21 @@ class Pruned:
         self._call: _Call | None = None
         self._session: _Session | None = None
         self._active = False
+        caches = [rs.selector.cache_stage() for rs in stages]
+        self._cache = next((c for c in caches if c is not None), None)  # a decode-time cache stage
+        self.cache_plans: list[list[torch.Tensor | None]] = []
+        self._cache_state: list[dict] = []  # per sample, across the steps of one generation
+        self._prefill_rows: list[torch.Tensor] | None = None  # per sample, input rows of its visual tokens
+        self._prefill_length = 0
 
     # --- install / remove --------------------------------------------------------------------------------------
     def _install(self) -> None:
         adapter = self.adapter
         requests = [r for rs in self._stages.values() for r in rs.requests]
-        for key in adapter.scoring_configs(requests):
+        keys = adapter.scoring_configs(requests)
+        if self._cache is not None and "text_config" not in keys:
+            keys.append("text_config")
+        for key in keys:
             current = getattr(self.model.config, key)._attn_implementation
             wrapped = ensure_registered(current)
             if wrapped != current:
@@ -121,6 +137,10 @@ class Pruned:
             adapter.inject_scorer(
                 self._hooks, adapter.attention_module(layer), self._llm_scorer(layer, names), lambda: self._in_prefill
             )
+        if self._cache is not None:
+            scored = adapter.attention_module(self._cache.layer - 1)
+            decoding = lambda: self._call is not None and not self._call.prefill  # noqa: E731
+            adapter.inject_scorer(self._hooks, scored, self._cache_scorer, decoding)
         adapter.install_language(self._hooks, self._current_rows, lambda: self._in_prefill)
         if any(r.name == "embeddings" for r in requests):
             self._hooks.pre(adapter.language_model, self._on_language_model)
@@ -168,6 +188,8 @@ class Pruned:
         if cache is None or cache.get_seq_length() == 0:
             self.plans = []
             self._session = None
+            self.cache_plans, self._cache_state, self._prefill_rows = [], [], None
+            self._prefill_length = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
             visual = self.adapter.visual_mask(input_ids, kwargs.get("inputs_embeds"))
             self._call = _Call(True, mask, cache, visual=visual)
             return None
@@ -189,6 +211,8 @@ class Pruned:
 
     def _on_entry_done(self, module, args, kwargs, output):
         if self._in_prefill:
+            if self._call.layouts is not None:
+                self._prefill_rows = [layout.positions for layout in self._call.layouts]
             self._vision.clear()
             for segment in self._session.layer_segment.values() if self._session else ():
                 segment.masks.clear()  # prefill-sized (eager: (B, 1, L', L')); decoding builds its own
@@ -363,19 +387,33 @@ class Pruned:
 
     def _decode_layer(self, layer: int, args, kwargs):
         segment = self._session.layer_segment.get(layer) if self._session else None
-        if segment is None:
+        cache = self._cache
+        scored = cache is not None and layer == cache.layer - 1
+        restricted = cache is not None and layer >= cache.layer and self._prefill_rows is not None
+        if segment is None and not (scored or restricted):
             return None
         call = self._call
         hidden = args[0] if args else kwargs["hidden_states"]
-        key = (id(segment), compaction.layer_kind(self.adapter.text_config, layer))
-        if key not in call.masks:
+        if segment is not None:
             new = call.cache.get_seq_length(layer) + hidden.shape[1] - segment.length  # decoded so far + this call
             mask2d = self._decode_mask2d(segment, new)
+        elif call.attention_mask is not None:
+            mask2d = call.attention_mask.to(torch.bool)
+        else:
+            mask2d = torch.ones(hidden.shape[0], call.cache.get_seq_length(layer) + hidden.shape[1], dtype=torch.bool)
+        if scored:
+            call.cache_key_mask = mask2d
+            if segment is None:
+                return None
+        if restricted:
+            mask2d = mask2d.to(hidden.device) & self._cache_keep(segment, mask2d.shape[1]).to(hidden.device)
+        key = (id(segment), compaction.layer_kind(self.adapter.text_config, layer), restricted)
+        if key not in call.masks:
             call.masks[key] = compaction.build_mask(
                 self.adapter.text_config, layer, hidden, mask2d, call.cache, kwargs.get("position_ids")
             )
         kwargs["attention_mask"] = call.masks[key]
-        if self._renumber:
+        if self._renumber and segment is not None:
             if id(segment) not in call.positions:
                 position_ids = kwargs["position_ids"] - segment.shift[:, None].to(kwargs["position_ids"].device)
                 call.positions[id(segment)] = (position_ids, self.adapter.rotary(hidden, position_ids))
@@ -383,6 +421,40 @@ class Pruned:
             kwargs["position_ids"] = position_ids
             kwargs["position_embeddings"] = embeddings
         return args, kwargs
+
+    def _cache_scorer(self, module, query, key, value, kwargs):
+        mask = self._call.cache_key_mask
+        mask = None if mask is None else mask.to(device=key.device)
+        self._call.cache_scores = last_query_attention(query.detach(), key.detach(), kwargs.get("scaling"), mask)
+
+    def _cache_keep(self, segment, total: int) -> torch.Tensor:
+        """(B, total) bool: the cache entries the restricted layers attend to at this step (decided once per step
+        from the scores of layer ``cache.layer - 1``; every non-visual entry stays)."""
+        call = self._call
+        if call.cache_keep is not None:
+            return call.cache_keep
+        scores = call.cache_scores
+        b_count = scores.shape[0]
+        rows = segment.rows.cpu() if segment is not None else torch.arange(self._prefill_length).expand(b_count, -1)
+        keep = torch.ones(b_count, total, dtype=torch.bool)
+        step = []
+        while len(self._cache_state) < b_count:
+            self._cache_state.append({})
+        for b in range(b_count):
+            visual = torch.nonzero(torch.isin(rows[b], self._prefill_rows[b])).flatten()  # cache slots
+            chosen = None
+            if visual.numel():
+                chosen = self._cache.choose(self._cache_state[b], scores[b, visual.to(scores.device)])
+            if chosen is None:
+                step.append(None)
+                continue
+            dropped = torch.ones(visual.numel(), dtype=torch.bool)
+            dropped[chosen.cpu()] = False
+            keep[b, visual[dropped]] = False
+            step.append(rows[b, visual[~dropped]])
+        self.cache_plans.append(step)
+        call.cache_keep = keep
+        return keep
 
 
 # --- public functions ------------------------------------------------------------------------------------------

@@ -89,6 +89,15 @@ def resolve(config: PruneConfig, adapter) -> list[ResolvedStage]:
         for request in requests:
             adapter.check_request(request, stage.method)
         resolved.append(ResolvedStage(stage, selector, layer, requests))
+    caching = [rs for rs in resolved if rs.selector.cache_stage() is not None]
+    if caching:
+        cache, method = caching[0].selector.cache_stage(), caching[0].stage.method
+        if len(caching) > 1 or not 1 <= cache.layer < num_layers or resolved[-1].layer >= cache.layer:
+            raise ValueError(
+                f"{method!r} prunes the KV cache from decoder layer {cache.layer} while decoding: that layer must be "
+                f"1 to {num_layers - 1}, after every prefill stage, with one such stage per schedule"
+            )
+        adapter.check_request(SignalRequest("llm_attention", cache.layer - 1), method)
     return resolved
 
 

@@ -76,6 +76,14 @@ class Selector:
         vision tower has ``vision_depth`` layers. Raise ``ValueError`` for a layer the method cannot use."""
         return []
 
+    def cache_stage(self):
+        """A stage that prunes the KV cache while decoding (DyCoke), or ``None``. It has ``layer``, the first decoder
+        layer whose attention is restricted (its scores are read at ``layer - 1``), and ``choose(state, scores)``:
+        from the new token's head-mean attention over the visual cache entries ``scores`` (n,), the entries (indices
+        into ``scores``) that layers ``layer`` and after attend to at this step, or ``None`` for all of them;
+        ``state`` is a dict kept per sample across the steps of one generation."""
+        return None
+
     def count(self, view: TokenView, keep: int) -> int:
         """Tokens :meth:`select` outputs for a budget of ``keep`` (capped at ``view.n`` by the core). Exactly
         ``keep`` unless a method's option reproduces a paper's own counting (such as DART's ``exact=False``)."""

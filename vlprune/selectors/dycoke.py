@@ -9,7 +9,13 @@ like slips and are not reproduced: an odd frame's tokens are ranked with the *pr
 (``similarities[(i - 2) // 2]``, the last pair's for the first), the third frame of the last group of four is never
 pruned (its loop stops at ``num_frames - 4``), and with an odd frame count the last frame is dropped.
 
-DyCoke's second stage (pruning the KV cache while decoding) is not implemented yet.
+The second stage prunes the KV cache while decoding (``cache_prune_ratio``, the paper's ``P``; off by default): at
+each step the new token's attention at decoder layer ``cache_layer - 1`` (head mean) over the visual cache entries
+is compared with the previous step's; on the first step, or when the cosine similarity is below
+``cache_threshold``, layers ``cache_layer`` and after attend only to the top ``int((1 - P) n)`` visual entries; when
+it is at or above the threshold they attend to the whole cache (the release's behaviour, where the pruned cache is
+then ``None``). vlprune masks the other entries rather than gathering the kept ones: the attention output is the
+same, the cache stays whole (as in the release, which stores the full cache and gathers per step).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch.nn.functional as F
 
 from ..registry import register_selector
 from ..signals import SignalRequest, TokenView
-from .base import Selector, only_layer0
+from .base import Selector, only_layer0, top_k
 
 GROUP = 4  # frames per group: the first is kept whole
 
@@ -29,6 +35,23 @@ GROUP = 4  # frames per group: the first is kept whole
 def reference_frame(frame: int) -> int:
     """The frame that ``frame`` (not the first of its group of four) is compared with."""
     return frame - 1 if frame % 2 else frame - 2
+
+
+@dataclass
+class CachePruning:
+    """DyCoke's decode-time stage (see the module docstring); ``choose`` follows :meth:`Selector.cache_stage`."""
+
+    layer: int
+    ratio: float
+    threshold: float
+
+    def choose(self, state: dict, scores: torch.Tensor) -> torch.Tensor | None:
+        previous = state.get("previous")
+        state["previous"] = scores
+        if previous is not None and previous.numel() == scores.numel():
+            if float(F.cosine_similarity(previous.float(), scores.float(), dim=0)) >= self.threshold:
+                return None
+        return top_k(scores, int((1 - self.ratio) * scores.numel()))
 
 
 def anchors(frames: int) -> list[int]:
@@ -42,17 +65,30 @@ class DyCoke(Selector):
     """DyCoke's TTM. The budget decides how many tokens the non-first frames keep together (as evenly as possible,
     earlier frames first); it must cover the first frames of all groups, kept whole. ``prune_ratio`` (the paper's
     ``K``, 0.7 in its release) instead keeps ``int((1 - K) * N)`` of the ``N`` tokens of every other frame, the
-    paper's own count, whatever the budget."""
+    paper's own count, whatever the budget. ``cache_prune_ratio`` / ``cache_layer`` / ``cache_threshold``: the
+    decode-time stage (the paper's ``P``, ``L``, 0.7 / 3 / 0.9 in its release; off unless ``P`` is given)."""
 
     prune_ratio: float | None = None
+    cache_prune_ratio: float | None = None
+    cache_layer: int = 3
+    cache_threshold: float = 0.9
 
     summary = "DyCoke TTM: keep every 4th frame, others keep tokens least like their reference frame (video)"
     paper = "https://arxiv.org/abs/2411.15024"
     video = True
 
     def __post_init__(self) -> None:
-        if self.prune_ratio is not None and not 0 <= self.prune_ratio <= 1:
-            raise ValueError(f"dycoke prune_ratio must be in [0, 1], got {self.prune_ratio!r}")
+        for name in ("prune_ratio", "cache_prune_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise ValueError(f"dycoke {name} must be in [0, 1], got {value!r}")
+        if isinstance(self.cache_layer, bool) or not isinstance(self.cache_layer, int) or self.cache_layer < 1:
+            raise ValueError(f"dycoke cache_layer must be an integer >= 1, got {self.cache_layer!r}")
+
+    def cache_stage(self) -> CachePruning | None:
+        if self.cache_prune_ratio is None:
+            return None
+        return CachePruning(self.cache_layer, self.cache_prune_ratio, self.cache_threshold)
 
     def requests(self, layer: int, vision_depth: int) -> list[SignalRequest]:
         only_layer0("dycoke", layer)
