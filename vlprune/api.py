@@ -26,10 +26,11 @@ from torch import nn
 
 from . import compaction
 from .attention import ensure_registered, last_query_attention, repeated_keys, text_attention
-from .config import PruneConfig, Stage, load_config, preset_names
+from .config import PruneConfig, build_config
+from .decode_cache import CacheRestriction
 from .hooks import HookSet
 from .plan import KeepPlan
-from .registry import adapter_class, list_methods
+from .registry import adapter_class
 from .schedule import ResolvedStage, StageInputs, decide, decide_vision, resolve
 from .signals import VISION
 from .tower import TowerStage
@@ -84,7 +85,7 @@ class Pruned:
     cache_plans : list
         With a decode-time cache stage (DyCoke's ``cache_prune_ratio``): per decoding step since the last prefill,
         per sample, the input rows of the visual cache entries the later layers attended to (ascending), or ``None``
-        when they attended to all of them.
+        when they attended to all of them (:mod:`vlprune.decode_cache`).
     """
 
     def __init__(self, model: nn.Module, config: PruneConfig, adapter, stages: list[ResolvedStage]) -> None:
@@ -101,12 +102,8 @@ class Pruned:
         self._call: _Call | None = None
         self._session: _Session | None = None
         self._active = False
-        caches = [rs.selector.cache_stage() for rs in stages]
-        self._cache = next((c for c in caches if c is not None), None)  # a decode-time cache stage
-        self.cache_plans: list[list[torch.Tensor | None]] = []
-        self._cache_state: list[dict] = []  # per sample, across the steps of one generation
-        self._prefill_rows: list[torch.Tensor] | None = None  # per sample, input rows of its visual tokens
-        self._prefill_length = 0
+        caches = [rs.selector.cache_stage() for rs in stages if rs.selector.cache_stage() is not None]
+        self._cache = CacheRestriction(caches[0]) if caches else None  # a decode-time cache stage
 
     # --- install / remove --------------------------------------------------------------------------------------
     def _install(self) -> None:
@@ -159,6 +156,10 @@ class Pruned:
         self._active = False
 
     @property
+    def cache_plans(self) -> list:
+        return self._cache.plans if self._cache is not None else []
+
+    @property
     def active(self) -> bool:
         return self._active
 
@@ -188,8 +189,8 @@ class Pruned:
         if cache is None or cache.get_seq_length() == 0:
             self.plans = []
             self._session = None
-            self.cache_plans, self._cache_state, self._prefill_rows = [], [], None
-            self._prefill_length = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
+            if self._cache is not None:
+                self._cache.start((input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1])
             visual = self.adapter.visual_mask(input_ids, kwargs.get("inputs_embeds"))
             self._call = _Call(True, mask, cache, visual=visual)
             return None
@@ -211,8 +212,8 @@ class Pruned:
 
     def _on_entry_done(self, module, args, kwargs, output):
         if self._in_prefill:
-            if self._call.layouts is not None:
-                self._prefill_rows = [layout.positions for layout in self._call.layouts]
+            if self._cache is not None and self._call.layouts is not None:
+                self._cache.remember(self._call.layouts)
             self._vision.clear()
             for segment in self._session.layer_segment.values() if self._session else ():
                 segment.masks.clear()  # prefill-sized (eager: (B, 1, L', L')); decoding builds its own
@@ -389,7 +390,7 @@ class Pruned:
         segment = self._session.layer_segment.get(layer) if self._session else None
         cache = self._cache
         scored = cache is not None and layer == cache.layer - 1
-        restricted = cache is not None and layer >= cache.layer and self._prefill_rows is not None
+        restricted = cache is not None and layer >= cache.layer and cache.ready
         if segment is None and not (scored or restricted):
             return None
         call = self._call
@@ -406,7 +407,10 @@ class Pruned:
             if segment is None:
                 return None
         if restricted:
-            mask2d = mask2d.to(hidden.device) & self._cache_keep(segment, mask2d.shape[1]).to(hidden.device)
+            if call.cache_keep is None:  # decided once per step, at the first restricted layer
+                rows = segment.rows if segment is not None else None
+                call.cache_keep = cache.keep(call.cache_scores, rows, mask2d.shape[1])
+            mask2d = mask2d.to(hidden.device) & call.cache_keep.to(hidden.device)
         key = (id(segment), compaction.layer_kind(self.adapter.text_config, layer), restricted)
         if key not in call.masks:
             call.masks[key] = compaction.build_mask(
@@ -427,35 +431,6 @@ class Pruned:
         mask = None if mask is None else mask.to(device=key.device)
         self._call.cache_scores = last_query_attention(query.detach(), key.detach(), kwargs.get("scaling"), mask)
 
-    def _cache_keep(self, segment, total: int) -> torch.Tensor:
-        """(B, total) bool: the cache entries the restricted layers attend to at this step (decided once per step
-        from the scores of layer ``cache.layer - 1``; every non-visual entry stays)."""
-        call = self._call
-        if call.cache_keep is not None:
-            return call.cache_keep
-        scores = call.cache_scores
-        b_count = scores.shape[0]
-        rows = segment.rows.cpu() if segment is not None else torch.arange(self._prefill_length).expand(b_count, -1)
-        keep = torch.ones(b_count, total, dtype=torch.bool)
-        step = []
-        while len(self._cache_state) < b_count:
-            self._cache_state.append({})
-        for b in range(b_count):
-            visual = torch.nonzero(torch.isin(rows[b], self._prefill_rows[b])).flatten()  # cache slots
-            chosen = None
-            if visual.numel():
-                chosen = self._cache.choose(self._cache_state[b], scores[b, visual.to(scores.device)])
-            if chosen is None:
-                step.append(None)
-                continue
-            dropped = torch.ones(visual.numel(), dtype=torch.bool)
-            dropped[chosen.cpu()] = False
-            keep[b, visual[dropped]] = False
-            step.append(rows[b, visual[~dropped]])
-        self.cache_plans.append(step)
-        call.cache_keep = keep
-        return keep
-
 
 # --- public functions ------------------------------------------------------------------------------------------
 def _find_handle(model: nn.Module) -> Pruned | None:
@@ -472,46 +447,6 @@ def _clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def _build_config(method, keep, ratio, layer, positions, params, per=None) -> PruneConfig:
-    overrides = {k: v for k, v in (("keep", keep), ("ratio", ratio), ("layer", layer), ("per", per)) if v is not None}
-    if isinstance(method, PruneConfig):
-        config = method
-    elif isinstance(method, (str, Path)):
-        name = str(method)
-        if isinstance(method, str) and name in list_methods():
-            stage = Stage(name, keep=keep, ratio=ratio, layer=layer, params=dict(params), per=per or "image")
-            return PruneConfig([stage], positions)
-        if isinstance(method, str) and name not in preset_names() and not Path(name).exists():
-            raise ValueError(
-                f"unknown method {name!r}; available methods: {list_methods()}; presets: {preset_names()}; "
-                "or pass a path to a YAML preset"
-            )
-        config = load_config(method)
-    else:
-        raise TypeError(f"method must be a name, a path or a PruneConfig, got {type(method).__name__}")
-    if overrides or params:
-        if len(config.stages) != 1:
-            raise ValueError(
-                f"keep/ratio/layer/per/params override a single-stage method; {config.name!r} has "
-                f"{len(config.stages)} stages: edit its PruneConfig instead"
-            )
-        stage = config.stages[0]
-        budget = (
-            {"keep": keep, "ratio": ratio}
-            if ("keep" in overrides or "ratio" in overrides)
-            else {"keep": stage.keep, "ratio": stage.ratio}
-        )
-        stage = Stage(
-            stage.method,
-            **budget,
-            layer=overrides.get("layer", stage.layer),
-            params={**stage.params, **params},
-            per=overrides.get("per", stage.per),
-        )
-        config = PruneConfig([stage], config.positions, config.name)
-    return PruneConfig(list(config.stages), positions if positions != "original" else config.positions, config.name)
 
 
 def wrap(
@@ -567,7 +502,7 @@ def wrap(
     existing = _find_handle(model)
     if existing is not None:
         raise ValueError(f"this model is already wrapped ({existing!r}); call .unwrap() or vlprune.unwrap(model) first")
-    config = _build_config(method, keep, ratio, layer, positions, params, per)
+    config = build_config(method, keep, ratio, layer, positions, params, per)
     adapter = adapter_class(getattr(model.config, "model_type", None))(model)
     stages = resolve(config, adapter)
     handle = Pruned(model, config, adapter, stages)

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from .registry import list_methods
+
 POSITION_MODES = ("original", "renumber")
 BUDGET_UNITS = ("image", "tile")
 
@@ -169,3 +171,45 @@ def load_config(name_or_path: str | Path) -> PruneConfig:
     if config.name is None:
         config.name = default_name
     return config
+
+
+def build_config(method, keep, ratio, layer, positions, params, per=None) -> PruneConfig:
+    """The :class:`PruneConfig` :func:`vlprune.wrap` runs: a method name with its budget and parameters, or a preset
+    (name or YAML path) or a ``PruneConfig`` with the single-stage overrides applied."""
+    overrides = {k: v for k, v in (("keep", keep), ("ratio", ratio), ("layer", layer), ("per", per)) if v is not None}
+    if isinstance(method, PruneConfig):
+        config = method
+    elif isinstance(method, (str, Path)):
+        name = str(method)
+        if isinstance(method, str) and name in list_methods():
+            stage = Stage(name, keep=keep, ratio=ratio, layer=layer, params=dict(params), per=per or "image")
+            return PruneConfig([stage], positions)
+        if isinstance(method, str) and name not in preset_names() and not Path(name).exists():
+            raise ValueError(
+                f"unknown method {name!r}; available methods: {list_methods()}; presets: {preset_names()}; "
+                "or pass a path to a YAML preset"
+            )
+        config = load_config(method)
+    else:
+        raise TypeError(f"method must be a name, a path or a PruneConfig, got {type(method).__name__}")
+    if overrides or params:
+        if len(config.stages) != 1:
+            raise ValueError(
+                f"keep/ratio/layer/per/params override a single-stage method; {config.name!r} has "
+                f"{len(config.stages)} stages: edit its PruneConfig instead"
+            )
+        stage = config.stages[0]
+        budget = (
+            {"keep": keep, "ratio": ratio}
+            if ("keep" in overrides or "ratio" in overrides)
+            else {"keep": stage.keep, "ratio": stage.ratio}
+        )
+        stage = Stage(
+            stage.method,
+            **budget,
+            layer=overrides.get("layer", stage.layer),
+            params={**stage.params, **params},
+            per=overrides.get("per", stage.per),
+        )
+        config = PruneConfig([stage], config.positions, config.name)
+    return PruneConfig(list(config.stages), positions if positions != "original" else config.positions, config.name)
