@@ -35,17 +35,10 @@ SIDE = 14  # tokens per frame side: 196 per frame (LLaVA-OneVision after its 2 x
 IMAGE_METHODS = ["divprune", "dart", "random", "uniform", "pool"]  # pre-LLM or feature-only image methods
 
 
-def peak_rss() -> int:
-    """Peak resident memory of this process since the last :func:`reset_peak`, bytes."""
+def status_bytes(field: str) -> int:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``: peak since :func:`reset_peak`), bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def current_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -89,13 +82,13 @@ def decision_cost(method: str, frames: int, args) -> tuple[float, int]:
             base = torch.cuda.memory_allocated()
         else:
             reset_peak()
-            base = current_rss()
+            base = status_bytes("VmRSS")
         start = time.perf_counter()
         selector.select(view, keep)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-        extra = max(extra, (torch.cuda.max_memory_allocated() if cuda else peak_rss()) - base)
+        extra = max(extra, (torch.cuda.max_memory_allocated() if cuda else status_bytes("VmHWM")) - base)
     return statistics.median(times), extra
 
 

@@ -269,13 +269,10 @@ def _scaled(row: dict, key: str, unit: float, fmt: str = "{:.3f}") -> str:
 def plots(rows: list[dict], out: Path) -> list[Path]:
     """Accuracy vs budget, prefill speed-up vs budget and accuracy vs FLOPs, one line per method and task; nothing
     (and an empty list) without matplotlib."""
-    try:
-        import matplotlib
+    from ..bench import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (pip install 'vlprune[demo]')")
+    plt = pyplot()
+    if plt is None:
         return []
     written = []
     specs = [

@@ -102,7 +102,7 @@ class Pruned:
         self._call: _Call | None = None
         self._session: _Session | None = None
         self._active = False
-        caches = [rs.selector.cache_stage() for rs in stages if rs.selector.cache_stage() is not None]
+        caches = [cache for rs in stages if (cache := rs.selector.cache_stage()) is not None]
         self._cache = CacheRestriction(caches[0]) if caches else None  # a decode-time cache stage
 
     # --- install / remove --------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ the unpruned model), overall and per question type in the CSV.
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ import torch
 from . import embedded, shapes
 from .api import wrap
 from .registry import list_methods
+
+logger = logging.getLogger(__name__)
 
 
 def answers(model, processor, samples, batch: int = 100, max_new_tokens: int = 3, progress=None) -> list[str]:
@@ -109,15 +112,23 @@ def markdown(rows: list[dict], fractions: list[float], n: int) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], fractions: list[float], path: Path) -> bool:
-    """Accuracy against kept fraction per method; ``False`` (and nothing written) without matplotlib."""
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend, or ``None`` (with a warning) when matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'vlprune[demo]')")
+        logger.warning("matplotlib is not installed: no plots (pip install 'vlprune[demo]')")
+        return None
+    return plt
+
+
+def plot(rows: list[dict], fractions: list[float], path: Path) -> bool:
+    """Accuracy against kept fraction per method; ``False`` (and nothing written) without matplotlib."""
+    plt = pyplot()
+    if plt is None:
         return False
     figure, axes = plt.subplots(figsize=(7, 4.5))
     base = rows[0]["accuracy"]

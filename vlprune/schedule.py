@@ -89,9 +89,9 @@ def resolve(config: PruneConfig, adapter) -> list[ResolvedStage]:
         for request in requests:
             adapter.check_request(request, stage.method)
         resolved.append(ResolvedStage(stage, selector, layer, requests))
-    caching = [rs for rs in resolved if rs.selector.cache_stage() is not None]
+    caching = [(rs.stage.method, cache) for rs in resolved if (cache := rs.selector.cache_stage()) is not None]
     if caching:
-        cache, method = caching[0].selector.cache_stage(), caching[0].stage.method
+        method, cache = caching[0]
         if len(caching) > 1 or not 1 <= cache.layer < num_layers or resolved[-1].layer >= cache.layer:
             raise ValueError(
                 f"{method!r} prunes the KV cache from decoder layer {cache.layer} while decoding: that layer must be "
