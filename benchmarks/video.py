@@ -4,13 +4,14 @@ frames of 196 tokens), and the prefill speed-up on a LLaVA-OneVision-architectur
     python benchmarks/video.py [--frames 32 128 --width 3584 --ratio 0.25 --methods dycoke divprune ...]
                                [--prefill-frames 16 --hidden 512 --layers 4 --vision-hidden 128 --repeats 3]
 
-Decisions: the selector sees one video's features (random values at ``--width``: the cost does not depend on them)
-in (frames, 14 x 14) layout and keeps ``--ratio`` of its tokens. Time is the median over ``--repeats`` runs after a
-warm-up; peak extra memory is the rise of the process's peak resident memory during the decision (Linux
-``/proc/self/clear_refs``), or of CUDA's peak allocation with ``--device cuda``. Prefill: the whole forward (vision
-tower, projector, 2 x 2 pooling, decoder, ``logits_to_keep=1``) of one prompt with a video of ``--prefill-frames``
-frames at 384 px (196 tokens each), unpruned vs each method at ``--ratio`` (at its default layer), side by side in
-this process, with the analytic FLOP ratio (:class:`vlprune.eval.measure.FlopCount`).
+Decisions: the selector sees one video's features (random values at ``--width``, every other position static over
+time with a little noise, as temporal methods expect) in (frames, 14 x 14) layout and keeps ``--ratio`` of its
+tokens. Time is the median over ``--repeats`` runs after a warm-up; peak extra memory is the rise of the process's
+peak resident memory during the decision (Linux ``/proc/self/clear_refs``), or of CUDA's peak allocation with
+``--device cuda``. Prefill: the whole forward (vision tower, projector, 2 x 2 pooling, decoder,
+``logits_to_keep=1``) of one prompt with a video of ``--prefill-frames`` frames at 384 px (196 tokens each), unpruned
+vs each method at ``--ratio`` (at its default layer), side by side in this process, with the analytic FLOP ratio
+(:class:`vlprune.eval.measure.FlopCount`).
 """
 
 from __future__ import annotations
@@ -48,14 +49,21 @@ def reset_peak() -> None:
 
 
 def video_view(selector, frames: int, width: int, device: str) -> TokenView:
-    """One video's candidates with the signals ``selector`` requests (random values)."""
+    """One video's candidates with the signals ``selector`` requests (random values, half the positions static)."""
     g = torch.Generator().manual_seed(0)
     n = frames * SIDE * SIDE
     view = TokenView(index=torch.arange(n), grid=(SIDE, SIDE), image=0, frames=frames)
     view.text = TokenView(index=torch.arange(32), grid=None, image=0)
     for r in selector.requests(selector.default_layer, 24):
-        if r.name == "features":
-            view.features = view.all_features = torch.randn(n, width, generator=g).to(device)
+        if r.name == "features":  # half the positions static over time (with a little noise), half new each frame
+            base = torch.randn(1, SIDE * SIDE, width, generator=g).expand(frames, -1, -1)
+            moving = torch.randn(frames, SIDE * SIDE, width, generator=g)
+            noise = torch.randn(frames, SIDE * SIDE, width, generator=g)
+            static = (torch.arange(SIDE * SIDE) % 2 == 0)[None, :, None]
+            features = torch.where(static, base + 0.05 * noise, moving).reshape(n, width)
+            view.features = view.all_features = features.to(device)
+        elif r.name == "received_attention":
+            view.received_attention = torch.rand(n, generator=g).to(device)
         elif r.name in ("hidden", "normed_hidden", "embeddings"):
             setattr(view, r.name, torch.randn(n, width, generator=g).to(device))
             setattr(view.text, r.name, torch.randn(32, width, generator=g).to(device))

@@ -22,7 +22,7 @@ class LlavaAdapter(Adapter):
 
     model_type = "llava"
     summary = "LLaVA-1.5 and other llava-hf conversions: CLIP (or SigLIP) tower, projector, Llama-like decoder"
-    signals = {name: "yes" for name in SIGNALS if name != "frames"}  # [CLS] signals need a CLIP tower (checked)
+    signals = {name: "yes" for name in SIGNALS if name not in ("frames", "received_attention")}  # [CLS]: checked
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -59,7 +59,7 @@ class LlavaAdapter(Adapter):
             self._check_attention("vision_config", method)
         elif request.name in ("llm_attention", "llm_keys", "text_attention"):
             self._check_attention("text_config", method)
-        elif request.name == "vision_keys":
+        elif request.name in ("vision_keys", "received_attention"):
             self.vision_layer(None)
             self._check_attention("vision_config", method)
         elif request.name == "vision_qkv":

@@ -42,7 +42,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     model_type = "llava_next"
     summary = "LLaVA-NeXT / 1.6: anyres tiles packed with row-end newlines (never pruned)"
-    signals = {name: "yes" for name in SIGNALS if name not in (*TILE_LEVEL, "frames")}  # no video geometry yet
+    signals = {name: "yes" for name in SIGNALS if name not in (*TILE_LEVEL, "frames", "received_attention")}  # no video
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -10,12 +10,15 @@ are per image across its tiles. Methods that need the tower's [CLS] token or per
 Videos: every frame goes through the tower and projector, then a 2 x 2 bilinear pooling (27 x 27 -> 14 x 14 on the
 released models), and one newline token follows the whole video. A video is one budget unit of ``frames x h x w``
 tokens (``grid`` per frame, ``frames``); its newline is never pruned. A batch holds images or videos, not both.
+``received_attention`` (HoliTom) is measured on video frames only: the attention each patch receives in the feature
+layer, pooled by the model's own 2 x 2 bilinear pooling as its features are.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..attention import head_mean_attention
 from ..hooks import HookSet
 from ..registry import register_adapter
 from ..schedule import SampleLayout
@@ -29,7 +32,8 @@ PER_PATCH = ("cls_attention", "vision_hidden", "vision_keys", "vision_qkv", "pro
 @register_adapter("llava_onevision")
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     """Signals: ``features`` (packed, newlines excluded; pooled per frame for videos), every decoder-side signal,
-    ``grid`` (single-tile images; each frame of a video), ``frames`` (videos). No [CLS]."""
+    ``grid`` (single-tile images; each frame of a video), ``frames`` and ``received_attention`` (videos). No
+    [CLS]."""
 
     model_type = "llava_onevision"
     summary = "LLaVA-OneVision: SigLIP tower without [CLS], anyres_max_9 tiles, pooled video frames, Qwen2 decoder"
@@ -81,16 +85,47 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return out
 
     # --- signals -----------------------------------------------------------------------------------------------
+    def check_vision(self, store: dict, layouts: list, required: set[str]) -> None:
+        if "received_attention" in required and "videos" not in store:
+            raise ValueError(
+                "received_attention (HoliTom's signal) is measured on video frames only; this llava_onevision call "
+                "encodes images: use an image method"
+            )
+        super().check_vision(store, layouts, required)
+
     def install_vision(self, requests: list[SignalRequest], store: dict, hooks: HookSet) -> None:
         super().install_vision(requests, store, hooks)
         features = any(r.name == "features" for r in requests)
+        if any(r.name == "received_attention" for r in requests):
+            attention = self.vision_tower.encoder.layers[self.vision_layer(None)].self_attn
+            hooks.pre(attention, self._receiver(store))
         hooks.method(self.base, "get_video_features", lambda original: self._video_encoder(original, store, features))
+
+    @staticmethod
+    def _receiver(store: dict, chunk: int = 8):
+        """A pre-hook on a SigLIP attention module (which passes no extra arguments to its attention function) that
+        recomputes its queries and keys from its input and stores, per encoded image, the attention each token
+        receives: softmax over keys, mean over heads and over queries ``(n_img, T)``, ``chunk`` images at a time."""
+
+        def capture(module, args, kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            parts = []
+            with torch.no_grad():
+                for x in hidden.split(chunk):
+                    shape = (*x.shape[:-1], -1, module.head_dim)
+                    query = module.q_proj(x).view(shape).transpose(1, 2)
+                    key = module.k_proj(x).view(shape).transpose(1, 2)
+                    parts.append(head_mean_attention(query, key, module.scale, None).mean(1))
+            store["vision_received"] = torch.cat(parts)
+
+        return capture
 
     def _packer(self, original, store: dict):
         pack = super()._packer(original, store)
 
         def run(*args, **kwargs):
-            store.pop("videos", None)  # this call encodes images
+            for name in ("videos", "vision_received", "received_attention"):  # this call encodes images
+                store.pop(name, None)
             return pack(*args, **kwargs)
 
         return run
@@ -107,6 +142,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             store["videos"], store["frame_tokens"] = [frames] * videos, (pooled.shape[1] - 1) // frames
             if wants_features:
                 store["features"] = [p[:-1].detach() for p in pooled]
+            received = store.pop("vision_received", None)
+            if received is not None:  # (videos * frames, T): drop what the features drop, pool as they are pooled
+                received = received[:, 1:] if self.strategy == "default" else received
+                received = self.base.apply_pooling(received[..., None]).reshape(videos, -1)
+                store["received_attention"] = list(received)
             return out
 
         return encode

@@ -5,6 +5,8 @@ signal                  value in a :class:`TokenView` (one image's ``n`` candida
 ======================  ==========================================================  ===============================
 ``features``            projected visual tokens ``(n, D)``                            projector output hook
 ``cls_attention``       ``{vision_layer: (n,)}`` [CLS]->patch attention, head mean    scoring attention function
+``received_attention``  ``(n,)`` attention each patch receives in the vision feature  scoring attention function
+                        layer, mean over heads and queries, pooled like the features
 ``llm_attention``       ``{decoder_layer: (n,)}`` last prompt token->token, head mean scoring attention function
 ``incoming_attention``  ``(n,)`` the same row as layer ``L`` itself would compute it   stage layer's q/k projections
                         from its input (``L`` = the stage's layer)
@@ -42,6 +44,7 @@ import torch
 SIGNALS = (
     "features",
     "cls_attention",
+    "received_attention",
     "llm_attention",
     "incoming_attention",
     "text_attention",
@@ -57,7 +60,8 @@ SIGNALS = (
     "vision_qkv",
 )
 LAYERED = ("cls_attention", "llm_attention", "text_attention", "llm_keys")  # keyed by a layer
-VISION = ("features", "cls_attention", "vision_hidden", "vision_keys", "projector")  # captured in the vision forward
+# captured in the vision forward
+VISION = ("features", "cls_attention", "received_attention", "vision_hidden", "vision_keys", "projector")
 TOKENWISE = ("hidden", "normed_hidden", "embeddings", "llm_keys")  # also given for the text after the image
 
 
@@ -107,6 +111,7 @@ class TokenView:
     features: torch.Tensor | None = None
     all_features: torch.Tensor | None = None
     cls_attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    received_attention: torch.Tensor | None = None
     llm_attention: dict[int, torch.Tensor] = field(default_factory=dict)
     incoming_attention: torch.Tensor | None = None
     text_attention: dict[int, torch.Tensor] = field(default_factory=dict)

@@ -7,6 +7,7 @@ from . import (  # noqa: F401  (registration)
     fastervlm,
     fastv,
     flowcut,
+    holitom,
     pdrop,
     pool,
     random,

@@ -1,0 +1,188 @@
+"""HoliTom (Shao et al., NeurIPS 2025, https://arxiv.org/abs/2505.21334): holistic token merging of video tokens
+before the LLM, its outer-LLM stage.
+
+1. **Global temporal segmentation.** Consecutive frames are compared position by position (cosine of the projected,
+   pooled tokens). A position is *static* in a window of frames when it stays above ``threshold`` at every
+   transition inside it; a dynamic programme picks the partition of the video into windows that removes the most
+   tokens when every window's static positions are replaced by one token each
+   (:func:`vlprune.temporal.holitom_windows`).
+2. **Budget.** With ``S`` tokens saved that way, the retain ratio ``r = keep / (T N)`` becomes
+   ``r' = min(r T N / (T N - S), 1)`` for what is left.
+3. **Static tokens**, per window: averaged over the window's frames (one per static position), clustered by DPC-KNN
+   (``k = min(K, clusters)`` neighbours) into ``round(n_static r')`` centres; each centre becomes
+   ``beta * centre + (1 - beta) * mean(its members)``. They sit in the window's first frame.
+4. **Dynamic tokens**, per frame: ``ceil(n_dynamic r')`` of them, the share ``1 - context`` with the most received
+   attention in the vision tower's feature layer (mean over heads and queries, pooled like the features); the rest
+   are DPC-KNN centres of the others, merged as above. The release runs with ``context = 0``: purely by attention.
+
+Every output token keeps the slot of the token it comes from (a static centre: its position in the window's first
+frame), so the order is the release's (frames in order, positions sorted within each frame).
+
+A budget covering every token keeps the video untouched. Below that, ``exact=True`` (default) keeps exactly the
+budget: the quotas ``n r'`` of the windows' static sets and the frames' dynamic sets are rounded by largest remainder
+so that they sum to it. ``exact=False`` rounds them as the release does (``round`` for static sets, ``ceil`` for
+dynamic ones), which keeps a few more. Either way a budget above ``T N - S`` keeps ``T N - S``: static positions are
+always merged over their window.
+
+Not reproduced: the release's inner-LLM stage (FastV-style pruning with sequential merging at decoder layer 18),
+and its random density noise in DPC-KNN (ties go to the lower index here).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..registry import register_selector
+from ..signals import SignalRequest, TokenView
+from ..temporal import holitom_windows, static_positions, transition_similarity
+from .base import Selection, Selector, only_layer0, top_k
+from .sparsevlm import dpc_knn
+
+
+def largest_remainder(quotas: list[float], caps: list[int], total: int) -> list[int]:
+    """Integers ``c_i <= caps[i]`` summing to ``min(total, sum(caps))``: the floors of ``quotas``, then one more to
+    the largest fractional parts (ties to the lower index), then to any group with room left."""
+    counts = [min(math.floor(q), cap) for q, cap in zip(quotas, caps, strict=True)]
+    left = min(total, sum(caps)) - sum(counts)
+    order = sorted(range(len(quotas)), key=lambda i: (-(quotas[i] - math.floor(quotas[i])), i))
+    for pass_ in range(2):
+        for i in order:
+            if left <= 0:
+                return counts
+            if counts[i] < caps[i] and (pass_ == 1 or quotas[i] > counts[i]):
+                counts[i] += 1
+                left -= 1
+    return counts
+
+
+def cluster_merge(x: torch.Tensor, clusters: int, k: int, beta: float) -> tuple[torch.Tensor, ...]:
+    """HoliTom's density merge of the rows of ``x`` (m, D) into ``clusters`` DPC-KNN centres (``min(k, clusters)``
+    neighbours). Returns ``(centres, into, weight)``: the centre rows (ascending), and for every row the centre
+    (index into ``centres``) it goes to and its weight, so that output ``c`` is ``beta * x[centre] + (1 - beta) *
+    mean(x[members])`` (``x[centre]`` alone without members)."""
+    centres, assignment = dpc_knn(x, clusters, k=min(k, clusters))
+    order = torch.argsort(centres)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(clusters)
+    into = rank[assignment]  # output of each row, centres ascending
+    is_centre = torch.zeros(x.shape[0], dtype=torch.bool)
+    is_centre[centres] = True
+    members = torch.bincount(into[~is_centre], minlength=clusters).float()[into]  # per row: its output's members
+    centre_weight = torch.where(members > 0, torch.full_like(members, beta), torch.ones_like(members))
+    weight = torch.where(is_centre, centre_weight, (1 - beta) / members.clamp(min=1))
+    return centres[order], into, weight
+
+
+@register_selector("holitom")
+@dataclass
+class HoliTom(Selector):
+    """HoliTom's outer-LLM stage (see the module docstring): ``threshold`` (the paper's tau, 0.8; 0.65 at 10 %),
+    ``beta`` (0.6), ``k`` (DPC-KNN neighbours, 7), ``context`` (share of each frame's dynamic count merged by
+    density rather than picked by attention, the release's ``D`` = 0), ``max_window`` (1024 frames), ``exact``."""
+
+    threshold: float = 0.8
+    beta: float = 0.6
+    k: int = 7
+    context: float = 0.0
+    max_window: int = 1024
+    exact: bool = True
+
+    summary = "HoliTom: DP temporal windows, static tokens merged over time and clustered, dynamic by attention (video)"
+    paper = "https://arxiv.org/abs/2505.21334"
+    merges = True
+    video = True
+
+    def __post_init__(self) -> None:
+        for name in ("beta", "context"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"holitom {name} must be a number in [0, 1], got {value!r}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise TypeError(f"holitom threshold must be a number, got {self.threshold!r}")
+        for name in ("k", "max_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"holitom {name} must be an integer >= 1, got {value!r}")
+
+    def requests(self, layer: int, vision_depth: int) -> list[SignalRequest]:
+        only_layer0("holitom", layer)
+        return [SignalRequest("features"), SignalRequest("received_attention"), SignalRequest("frames")]
+
+    def _plan(self, view: TokenView, keep: int):
+        """The windows, each window's static positions and the token count of every group (per window: its static
+        set, then each of its frames' dynamic sets)."""
+        frames = view.frames
+        if frames < 2:
+            raise ValueError(
+                "holitom merges tokens across frames and needs a video of at least two frames; "
+                f"input {view.image} has one: use an image method"
+            )
+        per_frame = view.n // frames
+        if view.n != frames * per_frame or (view.grid is not None and view.grid[0] * view.grid[1] != per_frame):
+            raise ValueError(f"holitom needs every token of the video; input {view.image} has {view.n} candidates")
+        x = view.features.reshape(frames, per_frame, -1)
+        windows, saved = holitom_windows(x, self.threshold, self.max_window)
+        similarity = transition_similarity(x)
+        ratio = min(keep / (view.n - saved), 1.0) if view.n > saved else 1.0
+        statics, sizes = [], []
+        for start, end in windows:
+            static = static_positions(similarity, start, end, self.threshold).cpu()
+            if start == end:  # a window of one frame has no static set
+                static = torch.zeros(per_frame, dtype=torch.bool)
+            statics.append(static)
+            sizes += [int(static.sum())] + [per_frame - int(static.sum())] * (end - start + 1)
+        if self.exact:
+            counts = largest_remainder([n * ratio for n in sizes], sizes, keep)
+        else:
+            counts, i = [], 0
+            for start, end in windows:
+                counts.append(round(sizes[i] * ratio))
+                counts += [math.ceil(n * ratio) for n in sizes[i + 1 : i + 2 + end - start]]
+                i += 2 + end - start
+        return x, windows, statics, counts
+
+    def count(self, view: TokenView, keep: int) -> int:
+        return keep if keep >= view.n else sum(self._plan(view, keep)[3])
+
+    def select(self, view: TokenView, keep: int) -> torch.Tensor | Selection:
+        x, windows, statics, counts = self._plan(view, keep)
+        if keep >= view.n:
+            return torch.arange(view.n)
+        frames, per_frame = x.shape[:2]
+        attention = view.received_attention.reshape(frames, per_frame).float().cpu()
+        keep_slots, into, weight = [], torch.full((view.n,), -1), torch.zeros(view.n)
+
+        def emit(slots: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> None:
+            into[sources] = targets + len(keep_slots)
+            weight[sources] = weights
+            keep_slots.extend(slots.tolist())
+
+        group = iter(counts)
+        for (start, end), static in zip(windows, statics, strict=True):
+            length = end - start + 1
+            places = torch.nonzero(static).flatten()
+            clusters = next(group)
+            if clusters:
+                mean = x[start : end + 1, places.to(x.device)].float().mean(0)  # (n_static, D)
+                centres, target, w = cluster_merge(mean, clusters, self.k, self.beta)
+                sources = (torch.arange(start, end + 1)[:, None] * per_frame + places[None]).flatten()
+                emit(start * per_frame + places[centres], sources, target.repeat(length), (w / length).repeat(length))
+            moving = torch.nonzero(~static).flatten()
+            for frame in range(start, end + 1):
+                self._dynamic(x[frame], attention[frame], moving, frame * per_frame, next(group), emit)
+        return Selection(torch.tensor(keep_slots, dtype=torch.long), into, weight)
+
+    def _dynamic(self, x, attention, moving, offset: int, count: int, emit) -> None:
+        """One frame's dynamic tokens ``moving``: the dominant ones by received attention, then density-merged
+        context tokens from the rest."""
+        dominant = round(count * (1 - self.context))
+        chosen = moving[top_k(attention[moving], dominant)]
+        emit(offset + chosen, offset + chosen, torch.arange(dominant), torch.ones(dominant))
+        contextual = count - dominant
+        if contextual:
+            rest = moving[~torch.isin(moving, chosen)]
+            centres, target, w = cluster_merge(x[rest.to(x.device)].float(), contextual, self.k, self.beta)
+            emit(offset + rest[centres], offset + rest, target, w)
