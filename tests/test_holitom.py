@@ -149,6 +149,28 @@ def test_exact_budget_by_largest_remainder():
     assert torch.equal(HoliTom().select(view, T * N), torch.arange(T * N))
 
 
+def test_inner_stage_matches_the_release_loop():
+    """The inner-LLM stage against the release's loop: keep the top tokens by the last prompt token's attention,
+    then average every other token, in index order, into its most similar kept token, one at a time."""
+    g = torch.Generator().manual_seed(5)
+    n, keep = 12, 4
+    hidden, scores = torch.randn(n, D, generator=g), torch.rand(n, generator=g)
+    view = TokenView(index=torch.arange(n), grid=(2, 3), image=0, frames=2, hidden=hidden, llm_attention={3: scores})
+    selection = HoliTom().select(view, keep)
+    kept = scores.topk(keep).indices
+    others = [i for i in range(n) if i not in kept.tolist()]
+    unit = torch.nn.functional.normalize(hidden, dim=-1)
+    nearest = kept[(unit[others] @ unit[kept].T).argmax(-1)]
+    h = hidden.clone()
+    for i, t in zip(others, nearest.tolist(), strict=True):
+        h[t] = (h[t] + h[i]) / 2
+    assert sorted(selection.keep.tolist()) == sorted(kept.tolist())
+    out = dict(zip(selection.keep.tolist(), selection.apply(hidden), strict=True))
+    for t in kept.tolist():
+        torch.testing.assert_close(out[t], h[t], rtol=1e-5, atol=1e-6)
+    assert HoliTom().requests(18, 24)[0] == vlprune.signals.SignalRequest("llm_attention", 17)
+
+
 def test_received_attention_is_the_feature_layers_mean_received_attention_pooled_like_the_features():
     family = VIDEO_FAMILIES["llava_onevision"]
     model = family.build(layers=2)
@@ -205,6 +227,19 @@ def test_holitom_under_the_core_invariants(video_case, budget, params, monkeypat
     family, model = video_case
     monkeypatch.setitem(TINY_PARAMS, "holitom", params)
     check_method(family, model, "holitom", budget, video_shapes(family, DYCOKE_SHAPES))
+
+
+def test_inner_stage_under_the_core_invariants(video_case):
+    """The inner-LLM stage alone at decoder layer 2 keeps half of each video's tokens and merges the rest into them:
+    reference equality, generate() against a manual greedy loop, batch equal to single, on both families (it reads
+    decoder signals only)."""
+    family, model = video_case
+
+    def count(size) -> int:
+        frames, n = family.frames(size)
+        return math.floor(0.5 * frames * n + 0.5)
+
+    check_method(family, model, "holitom", {"ratio": 0.5, "layer": 2}, video_shapes(family, DYCOKE_SHAPES), count)
 
 
 def test_holitom_refusals(video_case):

@@ -70,7 +70,7 @@ def resolve(config: PruneConfig, adapter) -> list[ResolvedStage]:
                 f"{stage.method!r} acts {where}: it must be the first stage, at layer 0 "
                 f"(got layer={layer}{' after another stage' if resolved else ''})"
             )
-        missing = missing_signals(selector, adapter.signals)
+        missing = missing_signals(selector, adapter.signals, layer)
         if missing:
             why = adapter.why_not(missing)
             if "frames" in missing:  # a video method on a family without video geometry

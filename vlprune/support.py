@@ -8,9 +8,11 @@ from .registry import adapter_class, create_selector, list_methods, list_models
 DEPTH = 24  # a vision depth every default request fits (LLaVA-1.5's CLIP)
 
 
-def missing_signals(selector, signals: dict[str, str]) -> list[str]:
-    """The signals ``selector`` requests (at its default layer) that are not among a family's ``signals``."""
-    return sorted({r.name for r in selector.requests(selector.default_layer, DEPTH)} - set(signals))
+def missing_signals(selector, signals: dict[str, str], layer: int | None = None) -> list[str]:
+    """The signals ``selector`` requests (at ``layer``, by default its default layer) that are not among a family's
+    ``signals``."""
+    layer = selector.default_layer if layer is None else layer
+    return sorted({r.name for r in selector.requests(layer, DEPTH)} - set(signals))
 
 
 def support(method: str, model_type: str) -> str:

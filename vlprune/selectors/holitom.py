@@ -24,8 +24,16 @@ so that they sum to it. ``exact=False`` rounds them as the release does (``round
 dynamic ones), which keeps a few more. Either way a budget above ``T N - S`` keeps ``T N - S``: static positions are
 always merged over their window.
 
-Not reproduced: the release's inner-LLM stage (FastV-style pruning with sequential merging at decoder layer 18),
-and its random density noise in DPC-KNN (ties go to the lower index here).
+**Inner-LLM stage** (the same method at a decoder layer ``K > 0``; the release uses ``K = 18`` and keeps half):
+the budget's tokens with the most attention from the last prompt token at layer ``K - 1`` (head mean) stay; every
+other visual token, in index order, is averaged into the kept token most cosine-similar to it (hidden states entering
+layer ``K``, similarities taken before any merge): ``h <- (h + h_other) / 2``, so a kept token with members
+``n_1 < ... < n_m`` becomes ``h / 2^m + sum_j h_(n_j) / 2^(m - j + 1)``.
+
+Not reproduced: the release's random density noise in DPC-KNN (ties go to the lower index here). With
+``positions="renumber"`` (the release's outer stage concatenates the kept tokens) the inner stage also renumbers,
+where the release keeps the positions the tokens had; a ratio budget rounds half up where the release's ``round``
+rounds half to even (one token apart when the count is odd).
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import torch
 from ..registry import register_selector
 from ..signals import SignalRequest, TokenView
 from ..temporal import holitom_windows, static_positions, transition_similarity
-from .base import Selection, Selector, only_layer0, top_k
+from .base import Selection, Selector, top_k
 from .sparsevlm import dpc_knn
 
 
@@ -108,7 +116,8 @@ class HoliTom(Selector):
                 raise ValueError(f"holitom {name} must be an integer >= 1, got {value!r}")
 
     def requests(self, layer: int, vision_depth: int) -> list[SignalRequest]:
-        only_layer0("holitom", layer)
+        if layer > 0:  # the inner-LLM stage
+            return [SignalRequest("llm_attention", layer - 1), SignalRequest("hidden"), SignalRequest("frames")]
         return [SignalRequest("features"), SignalRequest("received_attention"), SignalRequest("frames")]
 
     def _plan(self, view: TokenView, keep: int):
@@ -145,9 +154,13 @@ class HoliTom(Selector):
         return x, windows, statics, counts
 
     def count(self, view: TokenView, keep: int) -> int:
-        return keep if keep >= view.n else sum(self._plan(view, keep)[3])
+        if keep >= view.n or view.hidden is not None:
+            return keep
+        return sum(self._plan(view, keep)[3])
 
     def select(self, view: TokenView, keep: int) -> torch.Tensor | Selection:
+        if view.hidden is not None:
+            return self._inner(view, keep)
         x, windows, statics, counts = self._plan(view, keep)
         if keep >= view.n:
             return torch.arange(view.n)
@@ -186,3 +199,23 @@ class HoliTom(Selector):
             rest = moving[~torch.isin(moving, chosen)]
             centres, target, w = cluster_merge(x[rest.to(x.device)].float(), contextual, self.k, self.beta)
             emit(offset + rest[centres], offset + rest, target, w)
+
+    def _inner(self, view: TokenView, keep: int) -> Selection:
+        """The inner-LLM stage (see the module docstring)."""
+        if view.frames < 2:
+            raise ValueError(f"holitom is a video method: input {view.image} is an image; use an image method")
+        (scores,) = view.llm_attention.values()
+        kept = top_k(scores, keep).cpu()
+        rest = torch.nonzero(~torch.isin(torch.arange(view.n), kept)).flatten()
+        into, weight = torch.full((view.n,), -1), torch.zeros(view.n)
+        into[kept], weight[kept] = torch.arange(keep), 1.0
+        if rest.numel() and keep:
+            hidden = torch.nn.functional.normalize(view.hidden.float(), dim=-1)
+            nearest = (hidden[rest.to(hidden.device)] @ hidden[kept.to(hidden.device)].T).argmax(-1).cpu()
+            into[rest] = nearest
+            for i in range(rest.numel()):  # in index order: each average halves what the kept token holds so far
+                sources = into == nearest[i]
+                sources[rest[i + 1 :]] = False
+                weight[sources & (torch.arange(view.n) != rest[i])] /= 2
+                weight[rest[i]] = 0.5
+        return Selection(kept, into, weight)
