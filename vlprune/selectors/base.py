@@ -138,3 +138,18 @@ def only_layer0(method: str, layer: int) -> None:
     """Raise for a method that acts before the projector but was given an in-LLM layer."""
     if layer != 0:
         raise ValueError(f"{method} acts on the vision tower's output, before the LLM: layer must be 0, got {layer}")
+
+
+def whole_video(method: str, view: TokenView) -> tuple[int, int]:
+    """``(frames, tokens per frame)`` of a video ``view`` that still holds every token; raise for an image or a
+    video an earlier stage has pruned (a temporal method compares the same position across frames)."""
+    frames = view.frames
+    if frames < 2:
+        raise ValueError(
+            f"{method} merges tokens across frames and needs a video of at least two frames (temporal patches on "
+            f"Qwen-VL); input {view.image} has one: use an image method"
+        )
+    per_frame = view.n // frames
+    if view.n != frames * per_frame or (view.grid is not None and view.grid[0] * view.grid[1] != per_frame):
+        raise ValueError(f"{method} needs every token of the video; input {view.image} has {view.n} candidates")
+    return frames, per_frame

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..registry import register_selector
 from ..signals import SignalRequest, TokenView
-from .base import Selector, only_layer0, top_k
+from .base import Selector, only_layer0, top_k, whole_video
 
 GROUP = 4  # frames per group: the first is kept whole
 
@@ -94,27 +94,15 @@ class DyCoke(Selector):
         only_layer0("dycoke", layer)
         return [SignalRequest("features"), SignalRequest("frames")]
 
-    def _geometry(self, view: TokenView) -> tuple[int, int]:
-        frames = view.frames
-        if frames < 2:
-            raise ValueError(
-                "dycoke merges tokens across frames and needs a video of at least two frames (temporal patches); "
-                f"input {view.image} has one: use an image method"
-            )
-        per_frame = view.n // frames
-        if view.n != frames * per_frame or (view.grid is not None and view.grid[0] * view.grid[1] != per_frame):
-            raise ValueError(f"dycoke needs every token of the video; input {view.image} has {view.n} candidates")
-        return frames, per_frame
-
     def count(self, view: TokenView, keep: int) -> int:
         if self.prune_ratio is None:
             return keep
-        frames, per_frame = self._geometry(view)
+        frames, per_frame = whole_video("dycoke", view)
         kept_anchors = len(anchors(frames))
         return kept_anchors * per_frame + (frames - kept_anchors) * int((1 - self.prune_ratio) * per_frame)
 
     def select(self, view: TokenView, keep: int) -> torch.Tensor:
-        frames, per_frame = self._geometry(view)
+        frames, per_frame = whole_video("dycoke", view)
         whole = anchors(frames)
         others = [f for f in range(frames) if f not in whole]
         keep = self.count(view, keep)

@@ -46,7 +46,7 @@ import torch
 from ..registry import register_selector
 from ..signals import SignalRequest, TokenView
 from ..temporal import holitom_windows, static_positions, transition_similarity
-from .base import Selection, Selector, top_k
+from .base import Selection, Selector, top_k, whole_video
 from .sparsevlm import dpc_knn
 
 
@@ -123,15 +123,7 @@ class HoliTom(Selector):
     def _plan(self, view: TokenView, keep: int):
         """The windows, each window's static positions and the token count of every group (per window: its static
         set, then each of its frames' dynamic sets)."""
-        frames = view.frames
-        if frames < 2:
-            raise ValueError(
-                "holitom merges tokens across frames and needs a video of at least two frames; "
-                f"input {view.image} has one: use an image method"
-            )
-        per_frame = view.n // frames
-        if view.n != frames * per_frame or (view.grid is not None and view.grid[0] * view.grid[1] != per_frame):
-            raise ValueError(f"holitom needs every token of the video; input {view.image} has {view.n} candidates")
+        frames, per_frame = whole_video("holitom", view)
         x = view.features.reshape(frames, per_frame, -1)
         windows, saved = holitom_windows(x, self.threshold, self.max_window)
         similarity = transition_similarity(x)
@@ -203,7 +195,10 @@ class HoliTom(Selector):
     def _inner(self, view: TokenView, keep: int) -> Selection:
         """The inner-LLM stage (see the module docstring)."""
         if view.frames < 2:
-            raise ValueError(f"holitom is a video method: input {view.image} is an image; use an image method")
+            raise ValueError(
+                f"holitom merges tokens across frames and needs a video of at least two frames; input {view.image} "
+                "has one: use an image method"
+            )
         (scores,) = view.llm_attention.values()
         kept = top_k(scores, keep).cpu()
         rest = torch.nonzero(~torch.isin(torch.arange(view.n), kept)).flatten()
