@@ -58,7 +58,8 @@ def test_every_answer_follows_from_the_scene():
             )
     vocabulary = set(shapes.vocabulary())
     for s in shapes.split("validation", 300):
-        assert set(embedded.prompt(s.question).split()[1:]) <= vocabulary and s.answer in vocabulary
+        words = set(embedded.prompt(s.question).split()) - {embedded.IMAGE_TOKEN}
+        assert words <= vocabulary and s.answer in vocabulary
 
 
 def test_patch_labels_mark_the_patches_under_an_object():
@@ -83,6 +84,25 @@ def test_training_inputs_match_the_processor():
     prompt_length = inputs["input_ids"].shape[1]
     assert torch.equal(inputs["input_ids"][0], b["ids"][0, :prompt_length])
     assert (inputs["input_ids"] == embedded.IMAGE).sum() == 144
+
+
+def test_training_script_stops_resumes_and_runs_a_decoder_phase(tmp_path):
+    """``--stop`` checkpoints and saves mid-schedule; ``--resume --decoder`` re-initialises the decoder layers and
+    trains only them: the vision tower, projector and embeddings end as phase one left them."""
+    common = ["--out", str(tmp_path), "--steps", "4", "--batch", "4", "--every", "2", "--threads", "1"]
+    common += ["--validation", "12"]
+    train.main([*common, "--stop", "1"])
+    first = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert first["step"] == 1 and first["decoder_from"] is None and first["phases"][0]["stopped_at"] == 1
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "training.json").is_file()
+    train.main([*common, "--resume", "--decoder"])
+    second = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert second["step"] == 4 and second["decoder_from"] == 1
+    assert [p["from_step"] for p in second["phases"]] == [0, 1] and second["phases"][1]["decoder"] == "True"
+    for name, value in second["model"].items():
+        assert torch.equal(value, first["model"][name]) != train.is_decoder(name), name
+    card = json.loads((tmp_path / "training.json").read_text())
+    assert [entry["step"] for entry in card["log"]] == [1, 2, 4] and len(card["phases"]) == 2
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,12 @@ close. For the decoder: a share of each batch
 (``--captions``) asks "describe the scene ?" and is answered by a caption listing every object's colour, shape and
 quadrant (:func:`vlprune.shapes.describe`), which gives many grounded target words per image where a question gives
 one. Learning rate: linear warm-up, then cosine decay. The auxiliary heads are not part of the saved model.
+
+``--stop N`` ends a run after step ``N`` (its schedule still spans ``--steps``); ``--resume --decoder`` then starts a
+decoder phase: the decoder layers are re-initialised and trained alone on the answers (their own warm-up and cosine
+decay over the steps left), on top of the frozen vision tower, projector and embeddings. That is a way to let a
+fresh decoder learn lookups that an end-to-end run, whose decoder settles on heuristics while the vision side is
+still learning, never finds; the shipped weights were trained end to end (their ``training.json`` has the settings).
 """
 
 from __future__ import annotations
@@ -59,9 +65,10 @@ def batch(samples, vocab: dict[str, int], extra: list[list[tuple[str, str]]] | N
     tokens = (shapes.SIZE // shapes.PATCH) ** 2
     rows, labels = [], []
     for i, s in enumerate(samples):
-        ids, target = [embedded.BOS] + [embedded.IMAGE] * tokens, [-100] * (1 + tokens)
-        for question, answer in [(s.question, s.answer)] + (extra[i] if extra else []):
-            asked = [vocab[w] for w in embedded.prompt(question).split()[1:]]
+        ids, target = [embedded.BOS], [-100]
+        for n, (question, answer) in enumerate([(s.question, s.answer)] + (extra[i] if extra else [])):
+            words = embedded.prompt(question).split() if n == 0 else [*question.split(), "answer", ":"]
+            asked = [t for w in words for t in ([embedded.IMAGE] * tokens if w == embedded.IMAGE_TOKEN else [vocab[w]])]
             said = [vocab[w] for w in answer.split()] + [embedded.EOS]
             ids += asked + said
             target += [-100] * len(asked) + said
@@ -147,6 +154,11 @@ def evaluate(model, heads, samples, vocab, size: int = 100) -> dict[str, float]:
     return out
 
 
+def is_decoder(name: str) -> bool:
+    """Whether parameter ``name`` belongs to the decoder phase's trainable part: the decoder layers and final norm."""
+    return ".language_model.layers." in name or ".language_model.norm." in name
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=embedded.default_path(), help="where to save the trained model")
@@ -161,8 +173,17 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--every", type=int, default=250, help="validate and checkpoint every N steps")
+    parser.add_argument("--validation", type=int, default=600, help="validation questions at each checkpoint")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--stop", type=int, default=None, help="stop after step N (the schedule still spans --steps)")
+    parser.add_argument(
+        "--decoder",
+        action="store_true",
+        help="decoder phase: from this run's first step, re-initialise the decoder layers and train only them (and "
+        "the final norm) on the answers, with the vision tower, projector and embeddings frozen; its own warm-up and "
+        "cosine decay over the steps left",
+    )
     args = parser.parse_args(argv)
     from tqdm.auto import tqdm
 
@@ -172,28 +193,40 @@ def main(argv=None) -> None:
     model, processor = embedded.build_model(seed=args.seed), embedded.build_processor()
     vocab = processor.tokenizer.get_vocab()
     heads = Heads(model.config.vision_config.hidden_size)
-    params = list(model.parameters()) + list(heads.parameters())
+    checkpoint = args.out / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=False) if args.resume and checkpoint.is_file() else None
+    start = state["step"] if state else 0
+    if state:
+        model.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
+    decoder_from = state.get("decoder_from") if state else None
+    if args.decoder and decoder_from is None:  # entering the decoder phase: a fresh decoder on the trained vision side
+        decoder_from = start
+        fresh = embedded.build_model(seed=args.seed + 1).state_dict()
+        model.load_state_dict({k: v for k, v in fresh.items() if is_decoder(k)}, strict=False)
+    if decoder_from is not None:
+        for name, p in model.named_parameters():
+            p.requires_grad_(is_decoder(name))
+        params = [p for name, p in model.named_parameters() if is_decoder(name)]
+    else:
+        params = list(model.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    origin = decoder_from or 0  # the schedule starts again with the decoder phase
 
     def rate(step: int) -> float:
         if step < args.warmup:
             return (step + 1) / args.warmup
-        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+        progress = (step - args.warmup) / max(1, args.steps - origin - args.warmup)
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
-    checkpoint = args.out / "checkpoint.pt"
-    start, log, phases = 0, [], []
-    if args.resume and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
-        model.load_state_dict(state["model"])
-        heads.load_state_dict(state["heads"])
+    log, phases = (state["log"], state.get("phases", [])) if state else ([], [])
+    if state and (decoder_from is None or state.get("decoder_from") is not None):  # same optimiser as the checkpoint
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        start, log, phases = state["step"], state["log"], state.get("phases", [])
     settings = {k: str(v) for k, v in vars(args).items() if k not in ("out", "resume")}
     phases = [p for p in phases if int(p["from_step"]) < start] + [{"from_step": start, **settings}]
-    validation = shapes.split("validation", 600)
+    validation = shapes.split("validation", args.validation)
     model.train()
     began = time.time()
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="training")
@@ -207,18 +240,24 @@ def main(argv=None) -> None:
         extra = [[] if i < captions else more_questions(s, args.questions - 1) for i, s in enumerate(samples)]
         loss, aux, _ = forward(model, heads, batch(samples, vocab, extra))
         optimizer.zero_grad(set_to_none=True)
-        (loss + args.aux * aux).backward()
+        (loss if decoder_from is not None else loss + args.aux * aux).backward()
         nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", aux=f"{aux.item():.3f}")
-        if (step + 1) % args.every == 0 or step + 1 == args.steps:
+        stopping = args.stop is not None and step + 1 >= args.stop
+        if stopping:
+            phases[-1]["stopped_at"] = step + 1
+        if (step + 1) % args.every == 0 or step + 1 == args.steps or stopping:
             scores = evaluate(model, heads, validation, vocab)
             log.append({"step": step + 1, "loss": loss.item(), "seconds": time.time() - began, **scores})
             bar.write(f"step {step + 1}: " + " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
             state = dict(model=model.state_dict(), heads=heads.state_dict(), optimizer=optimizer.state_dict())
             state.update(schedule=schedule.state_dict(), step=step + 1, log=log, phases=phases)
+            state.update(decoder_from=decoder_from)
             torch.save(state, checkpoint)
+        if stopping:
+            break
     model.eval()
     save(model, processor, args.out, log, phases)
     print(f"saved to {args.out} after {time.time() - began:.0f} s this run")
