@@ -11,11 +11,13 @@ import torch
 
 
 def transition_similarity(features: torch.Tensor) -> torch.Tensor:
-    """(T - 1, N) cosine similarity of each position between consecutive frames of ``features`` (T, N, D)."""
+    """(T - 1, N) cosine similarity of each position between consecutive frames of ``features`` (T, N, D), one frame
+    pair at a time in fp32 (memory: two frames)."""
     if features.dim() != 3:
         raise ValueError(f"features must be (frames, tokens, dim), got {tuple(features.shape)}")
-    f = torch.nn.functional.normalize(features.float(), dim=-1)
-    return (f[1:] * f[:-1]).sum(-1)
+    cosine = torch.nn.functional.cosine_similarity
+    pairs = [cosine(features[t].float(), features[t + 1].float(), dim=-1) for t in range(features.shape[0] - 1)]
+    return torch.stack(pairs) if pairs else features.new_zeros(0, features.shape[1], dtype=torch.float32)
 
 
 def static_positions(similarity: torch.Tensor, start: int, end: int, threshold: float) -> torch.Tensor:
@@ -28,17 +30,18 @@ def static_positions(similarity: torch.Tensor, start: int, end: int, threshold: 
 
 
 def holitom_windows(
-    features: torch.Tensor, threshold: float = 0.8, max_window: int = 1024
+    features: torch.Tensor, threshold: float = 0.8, max_window: int = 1024, similarity: torch.Tensor | None = None
 ) -> tuple[list[tuple[int, int]], int]:
     """HoliTom's global temporal segmentation: the partition of the frames into windows ``[start, end]`` that
     maximises the tokens saved by replacing each window's static positions (similar to the next frame at every
     transition inside the window, :func:`static_positions`) with one token each, found by dynamic programming.
 
     A window of ``L`` frames with ``S`` static positions saves ``S * (L - 1)`` tokens. Returns the windows in order
-    and the total saving. ``max_window`` bounds the window length (HoliTom's ``MAX_WINDOW_SIZE``).
+    and the total saving. ``max_window`` bounds the window length (HoliTom's ``MAX_WINDOW_SIZE``); ``similarity``:
+    :func:`transition_similarity` of ``features`` when the caller has it already.
     Reference: Shao et al., "HoliTom: Holistic Token Merging for Fast Video Large Language Models" (NeurIPS 2025).
     """
-    similarity = transition_similarity(features)
+    similarity = transition_similarity(features) if similarity is None else similarity
     frames = features.shape[0]
     best = [0] * (frames + 1)  # best[e]: best saving for frames 0 .. e-1
     start_of = [0] * (frames + 1)

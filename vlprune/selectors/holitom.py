@@ -125,8 +125,8 @@ class HoliTom(Selector):
         set, then each of its frames' dynamic sets)."""
         frames, per_frame = whole_video("holitom", view)
         x = view.features.reshape(frames, per_frame, -1)
-        windows, saved = holitom_windows(x, self.threshold, self.max_window)
         similarity = transition_similarity(x)
+        windows, saved = holitom_windows(x, self.threshold, self.max_window, similarity)
         ratio = min(keep / (view.n - saved), 1.0) if view.n > saved else 1.0
         statics, sizes = [], []
         for start, end in windows:
@@ -171,7 +171,8 @@ class HoliTom(Selector):
             places = torch.nonzero(static).flatten()
             clusters = next(group)
             if clusters:
-                mean = x[start : end + 1, places.to(x.device)].float().mean(0)  # (n_static, D)
+                at = places.to(x.device)
+                mean = sum(x[f, at].float() for f in range(start, end + 1)) / length  # (n_static, D), frame by frame
                 centres, target, w = cluster_merge(mean, clusters, self.k, self.beta)
                 sources = (torch.arange(start, end + 1)[:, None] * per_frame + places[None]).flatten()
                 emit(start * per_frame + places[centres], sources, target.repeat(length), (w / length).repeat(length))
