@@ -153,9 +153,10 @@ class HoliTom(Selector):
     def select(self, view: TokenView, keep: int) -> torch.Tensor | Selection:
         if view.hidden is not None:
             return self._inner(view, keep)
-        x, windows, statics, counts = self._plan(view, keep)
         if keep >= view.n:
+            whole_video("holitom", view)  # images are refused whatever the budget
             return torch.arange(view.n)
+        x, windows, statics, counts = self._plan(view, keep)
         frames, per_frame = x.shape[:2]
         attention = view.received_attention.reshape(frames, per_frame).float().cpu()
         keep_slots, into, weight = [], torch.full((view.n,), -1), torch.zeros(view.n)
@@ -209,9 +210,8 @@ class HoliTom(Selector):
             hidden = torch.nn.functional.normalize(view.hidden.float(), dim=-1)
             nearest = (hidden[rest.to(hidden.device)] @ hidden[kept.to(hidden.device)].T).argmax(-1).cpu()
             into[rest] = nearest
-            for i in range(rest.numel()):  # in index order: each average halves what the kept token holds so far
-                sources = into == nearest[i]
-                sources[rest[i + 1 :]] = False
-                weight[sources & (torch.arange(view.n) != rest[i])] /= 2
-                weight[rest[i]] = 0.5
+            for target in torch.unique(nearest).tolist():  # members n_1 < ... < n_m: weights 2^-m .. 2^-1, kept 2^-m
+                members = rest[nearest == target]
+                weight[members] = 0.5 ** torch.arange(members.numel(), 0, -1, dtype=torch.float32)
+                weight[kept[target]] = 0.5 ** members.numel()
         return Selection(kept, into, weight)
