@@ -59,9 +59,11 @@ class LlavaAdapter(Adapter):
             self._check_attention("vision_config", method)
         elif request.name in ("llm_attention", "llm_keys", "text_attention"):
             self._check_attention("text_config", method)
-        elif request.name in ("vision_keys", "received_attention"):
+        elif request.name == "vision_keys":
             self.vision_layer(None)
             self._check_attention("vision_config", method)
+        elif request.name == "received_attention":  # recomputed from the layer's input: any attention implementation
+            self.vision_layer(None)
         elif request.name == "vision_qkv":
             self._check_tower(method)
         if request.name == "vision_hidden" and not self.has_cls and method == "visionzip":

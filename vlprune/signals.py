@@ -5,8 +5,8 @@ signal                  value in a :class:`TokenView` (one image's ``n`` candida
 ======================  ==========================================================  ===============================
 ``features``            projected visual tokens ``(n, D)``                            projector output hook
 ``cls_attention``       ``{vision_layer: (n,)}`` [CLS]->patch attention, head mean    scoring attention function
-``received_attention``  ``(n,)`` attention each patch receives in the vision feature  scoring attention function
-                        layer, mean over heads and queries, pooled like the features
+``received_attention``  ``(n,)`` attention each patch receives in the vision feature  feature layer's q/k projections
+                        layer, mean over heads and queries, pooled like the features  (attention-module pre-hook)
 ``llm_attention``       ``{decoder_layer: (n,)}`` last prompt token->token, head mean scoring attention function
 ``incoming_attention``  ``(n,)`` the same row as layer ``L`` itself would compute it   stage layer's q/k projections
                         from its input (``L`` = the stage's layer)
