@@ -33,12 +33,29 @@ class Loaded:
     name: str
     is_embedded: bool
 
-    def inputs(self, image, question: str) -> dict:
+    @property
+    def takes_videos(self) -> bool:
+        """Whether vlprune prunes this model's video inputs (its adapter provides the ``frames`` signal)."""
+        return adapter_class(self.model.config.model_type).signals.get("frames") == "yes"
+
+    def inputs(self, image, question: str, video=None) -> dict:
+        """Processor outputs for ``question`` about a PIL ``image``, or about ``video`` (a (T, H, W, 3) uint8 array
+        of frames) when it is given."""
+        if video is not None:
+            if not self.takes_videos:
+                video_models = [m for m in list_models() if adapter_class(m).signals.get("frames") == "yes"]
+                raise ValueError(
+                    f"{self.name} ({self.model.config.model_type}) takes images only; for a video, pass --model with "
+                    f"a checkpoint of {video_models}"
+                )
+            media, kind = {"videos": [video]}, "video"
+        else:
+            media, kind = {"images": image}, "image"
         if self.is_embedded:
-            return dict(self.processor(images=image, text=embedded.prompt(question), return_tensors="pt"))
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            return dict(self.processor(text=embedded.prompt(question), return_tensors="pt", **media))
+        messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        return dict(self.processor(images=image, text=text, return_tensors="pt"))
+        return dict(self.processor(text=text, return_tensors="pt", **media))
 
     def decode(self, ids: torch.Tensor) -> str:
         return self.processor.decode(ids, skip_special_tokens=True).strip()
@@ -108,13 +125,19 @@ class Outcome:
     plan: object | None
 
 
-def compare(loaded: Loaded, image, question: str, methods, budget: dict, max_new_tokens: int = 8):
-    """The unpruned model and each method on one image and question: answers, tokens kept, prefill time."""
+def compare(loaded: Loaded, image, question: str, methods, budget: dict, max_new_tokens: int = 8, video=None):
+    """The unpruned model and each method on one image (or ``video``, a (T, H, W, 3) uint8 array) and question:
+    answers, tokens kept, prefill time. A temporal method on an image raises ``ValueError``."""
     model = loaded.model
-    inputs = loaded.inputs(image, question)
+    if video is None:
+        temporal = [m for m in methods if m in list_methods("video")]
+        if temporal:
+            raise ValueError(f"{temporal} prune videos, not images; image methods: {list_methods('image')}")
+    inputs = loaded.inputs(image, question, video=video)
     outcomes = []
     seconds = prefill_seconds(model, inputs)
-    total = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    placeholder = model.config.image_token_id if video is None else model.config.video_token_id
+    total = int((inputs["input_ids"] == placeholder).sum())
     outcomes.append(
         Outcome("unpruned", loaded.decode(generate(model, inputs, max_new_tokens)), total, total, seconds, None)
     )
@@ -128,36 +151,82 @@ def compare(loaded: Loaded, image, question: str, methods, budget: dict, max_new
 
 
 # --- overlays ----------------------------------------------------------------------------------------------------
-def overlay(image, plan, grid: tuple[int, int] | None = None):
-    """The image with the dropped tokens' patches dimmed and, for merging methods, each kept token's group tinted
-    in its own colour. ``None`` when the tokens do not form one square grid per image (anyres, Qwen-VL sizes)."""
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
+
+
+def _shade(image, grid: tuple[int, int], first: int, plan, rank: dict[int, int], size: int = 384):
+    """``image`` scaled up (to about ``size`` px) with the ``h x w`` tokens of ``grid``, visual indices ``first``
+    onwards of sample 0, marked: kept ones outlined, merged ones tinted by the kept token they went into (``rank``:
+    each kept token's place in the palette), dropped ones dimmed."""
     from PIL import Image, ImageDraw
 
-    n = plan.num_visual[0]
-    side = round(n**0.5)
-    h, w = grid or (side, side)
-    if h * w != n:
-        return None
-    scale = max(1, 384 // max(image.size))
+    h, w = grid
+    scale = max(1, size // max(image.size))
     base = image.convert("RGB").resize((image.size[0] * scale, image.size[1] * scale), Image.NEAREST)
     cell_w, cell_h = base.size[0] / w, base.size[1] / h
     shade = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(shade)
     into = plan.merged_into[0]
-    kept = set(plan.keep_visual[0].tolist())
-    palette = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
-    for token in range(n):
-        r, c = divmod(token, w)
+    for local in range(h * w):
+        token = first + local
+        r, c = divmod(local, w)
         box = (c * cell_w, r * cell_h, (c + 1) * cell_w - 1, (r + 1) * cell_h - 1)
         target = int(into[token])
-        if token in kept:
+        if token in rank and target == token:
             draw.rectangle(box, outline=(255, 255, 0, 255), width=2)
         elif target >= 0:  # merged into a kept token
-            color = palette[sorted(kept).index(target) % len(palette)] if target in kept else (128, 128, 128)
+            color = PALETTE[rank[target] % len(PALETTE)] if target in rank else (128, 128, 128)
             draw.rectangle(box, fill=(*color, 110))
         else:
             draw.rectangle(box, fill=(0, 0, 0, 150))
     return Image.alpha_composite(base.convert("RGBA"), shade).convert("RGB")
+
+
+def _ranks(plan) -> dict[int, int]:
+    return {token: i for i, token in enumerate(sorted(plan.keep_visual[0].tolist()))}
+
+
+def overlay(image, plan, grid: tuple[int, int] | None = None):
+    """The image with the dropped tokens' patches dimmed and, for merging methods, each kept token's group tinted
+    in its own colour. ``None`` when the tokens do not form one square grid per image (anyres, Qwen-VL sizes)."""
+    n = plan.num_visual[0]
+    side = round(n**0.5)
+    h, w = grid or (side, side)
+    if h * w != n:
+        return None
+    return _shade(image, (h, w), 0, plan, _ranks(plan))
+
+
+def video_overlay(frames, plan, columns: int = 8):
+    """The video's token frames side by side (``columns`` per row), each with its kept tokens marked as in
+    :func:`overlay`. ``frames``: the (T, H, W, 3) uint8 frames the model was given; a model that groups frames
+    (Qwen-VL's temporal patches of two) shows the first frame of each group. ``None`` when sample 0 is not one
+    whole video."""
+    from PIL import Image
+
+    grids = plan.grids[0] if plan.grids else []
+    if len(grids) != 1 or grids[0] is None or grids[0][0] * grids[0][1] * grids[0][2] != plan.num_visual[0]:
+        return None
+    t, h, w = grids[0]
+    rank = _ranks(plan)
+    tiles = []
+    for f in range(t):
+        picture = Image.fromarray(frames[f * len(frames) // t]).convert("RGB")
+        tiles.append(_shade(picture, (h, w), f * h * w, plan, rank, size=160))
+    return contact_sheet(tiles, columns)
+
+
+def contact_sheet(pictures: list, columns: int = 8, gap: int = 4):
+    """Equal-sized PIL ``pictures`` in rows of ``columns``, ``gap`` white pixels apart."""
+    from PIL import Image
+
+    cols = min(columns, len(pictures))
+    width, height = pictures[0].size
+    rows = -(-len(pictures) // cols)
+    sheet = Image.new("RGB", (cols * (width + gap) - gap, rows * (height + gap) - gap), (255, 255, 255))
+    for i, picture in enumerate(pictures):
+        sheet.paste(picture, ((i % cols) * (width + gap), (i // cols) * (height + gap)))
+    return sheet
 
 
 # --- commands ----------------------------------------------------------------------------------------------------
@@ -168,14 +237,19 @@ def cmd_run(args) -> int:
     unknown = [m for m in methods if m not in list_methods()]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; available: {', '.join(list_methods())}")
-    temporal = [m for m in methods if m in list_methods("video")]
-    if temporal:
-        raise SystemExit(
-            f"{temporal} prune videos, and `vlprune run` takes an image; image methods: {list_methods('image')}"
-        )
-    image = Image.open(args.image).convert("RGB")
+    if args.video is None:
+        temporal = [m for m in methods if m in list_methods("video")]
+        if temporal:
+            raise SystemExit(f"{temporal} prune videos (give --video); image methods: {list_methods('image')}")
+        if args.frames is not None:
+            raise SystemExit("--frames applies to --video")
+        image, frames = Image.open(args.image).convert("RGB"), None
+    else:
+        from .video import DEFAULT_FRAMES, load_video
+
+        image, frames = None, load_video(args.video, num_frames=args.frames or DEFAULT_FRAMES).frames
     loaded = load(args.model)
-    outcomes = compare(loaded, image, args.question, methods, budget_of(args), args.max_new_tokens)
+    outcomes = compare(loaded, image, args.question, methods, budget_of(args), args.max_new_tokens, video=frames)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = outcomes[0].seconds
@@ -184,7 +258,7 @@ def cmd_run(args) -> int:
     for o in outcomes:
         path = ""
         if o.plan is not None:
-            picture = overlay(image, o.plan)
+            picture = overlay(image, o.plan) if frames is None else video_overlay(frames, o.plan)
             if picture is not None:
                 path = str(out / f"{o.method}.png")
                 picture.save(path)
@@ -235,13 +309,16 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="vlprune", description="Visual-token pruning for vision-language models")
     sub = root.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="answer a question with several methods side by side")
-    run.add_argument("--image", required=True, help="path of an image")
+    media = run.add_mutually_exclusive_group(required=True)
+    media.add_argument("--image", help="path of an image")
+    media.add_argument("--video", help="path of a video (needs vlprune[video] and a model that takes videos)")
+    run.add_argument("--frames", type=int, default=None, help="--video: frames sampled evenly (default 32)")
     run.add_argument("--question", required=True)
     run.add_argument("--model", default=None, help="hub id or path (default: the embedded shapes model)")
     run.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated method names")
     budget = run.add_mutually_exclusive_group()
-    budget.add_argument("--keep", type=int, default=None, help="visual tokens kept per image (default 64)")
-    budget.add_argument("--ratio", type=float, default=None, help="fraction of the visual tokens kept per image")
+    budget.add_argument("--keep", type=int, default=None, help="visual tokens kept per image or video (default 64)")
+    budget.add_argument("--ratio", type=float, default=None, help="fraction of the visual tokens kept per image/video")
     run.add_argument("--out", default="vlprune-run", help="folder for the overlay PNGs")
     run.add_argument("--max-new-tokens", type=int, default=8)
     run.set_defaults(func=cmd_run)
@@ -283,7 +360,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
         print(f"vlprune: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,7 @@
-"""The Gradio demo: an image (or one of the bundled shapes examples), a question, some methods and a budget; per
-method, side by side with the unpruned model, the overlay of the tokens it kept, its answer, the tokens kept and
-the prefill time. ``vlprune demo`` starts it (needs ``pip install 'vlprune[demo]'``)."""
+"""The Gradio demo: an image (or one of the bundled shapes examples), or a video on a model that takes videos, a
+question, some methods and a budget; per method, side by side with the unpruned model, the overlay of the tokens it
+kept, its answer, the tokens kept and the prefill time. ``vlprune demo`` starts it (needs
+``pip install 'vlprune[demo]'``, and ``'vlprune[video]'`` for videos)."""
 
 from __future__ import annotations
 
@@ -20,31 +21,56 @@ def examples() -> list[list[str]]:
     return [[str(folder / e["image"]), e["question"]] for e in listing]
 
 
+def results(loaded, image, video: str | None, question: str, chosen: list[str], keep: int, frames: int = 16):
+    """What the demo shows for one run: ``(gallery, rows)``, the overlays with captions (the unpruned input first)
+    and per method ``[method, answer, tokens kept, prefill ms, speed-up]``. ``video``: a file path; it takes
+    precedence over ``image``. Raises ``ValueError`` for a missing input or question and what the run refuses."""
+    from PIL import Image
+
+    from .cli import compare, contact_sheet, overlay, video_overlay
+
+    if (image is None and not video) or not question or not question.strip():
+        raise ValueError("give an image or a video, and a question")
+    clip = None
+    if video:
+        from .video import load_video
+
+        clip = load_video(video, num_frames=int(frames)).frames
+        outcomes = compare(loaded, None, question, chosen or [], {"keep": int(keep)}, video=clip)
+    else:
+        image = image.convert("RGB")
+        outcomes = compare(loaded, image, question, chosen or [], {"keep": int(keep)})
+    base = outcomes[0].seconds
+    gallery, rows = [], []
+    for o in outcomes:
+        if o.plan is None:  # the unpruned input
+            picture = image if clip is None else contact_sheet([Image.fromarray(frame) for frame in clip])
+        else:
+            picture = overlay(image, o.plan) if clip is None else video_overlay(clip, o.plan)
+        caption = f"{o.method}: {o.answer} ({o.kept}/{o.total} tokens, {o.seconds * 1e3:.0f} ms)"
+        if picture is not None:
+            gallery.append((picture, caption))
+        rows.append([o.method, o.answer, f"{o.kept}/{o.total}", round(o.seconds * 1e3, 1), round(base / o.seconds, 2)])
+    return gallery, rows
+
+
 def build(model: str | None = None):
     """The ``gradio.Blocks`` app for ``model`` (default: the embedded one)."""
     import gradio as gr
 
-    from .cli import compare, load, overlay
+    from .cli import load
 
     loaded = load(model)
     model_type = loaded.model.config.model_type
     methods = [m for m in list_methods("image") if support(m, model_type) != "no"]
+    if loaded.takes_videos:
+        methods += list_methods("video")
 
-    def run(image, question, chosen, keep):
-        if image is None or not question or not question.strip():
-            raise gr.Error("give an image and a question")
-        outcomes = compare(loaded, image.convert("RGB"), question, chosen or [], {"keep": int(keep)})
-        base = outcomes[0].seconds
-        gallery, rows = [], []
-        for o in outcomes:
-            picture = image if o.plan is None else overlay(image, o.plan)
-            caption = f"{o.method}: {o.answer} ({o.kept}/{o.total} tokens, {o.seconds * 1e3:.0f} ms)"
-            if picture is not None:
-                gallery.append((picture, caption))
-            rows.append(
-                [o.method, o.answer, f"{o.kept}/{o.total}", round(o.seconds * 1e3, 1), round(base / o.seconds, 2)]
-            )
-        return gallery, rows
+    def run(image, video, question, chosen, keep, frames):
+        try:
+            return results(loaded, image, video, question, chosen, keep, frames)
+        except (ValueError, FileNotFoundError, ImportError) as error:
+            raise gr.Error(str(error)) from error
 
     with gr.Blocks(title="vlprune") as app:
         gr.Markdown(
@@ -55,6 +81,10 @@ def build(model: str | None = None):
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.Image(type="pil", label="image", elem_id="image")
+                video = gr.Video(label="video (instead of the image)", elem_id="video", visible=loaded.takes_videos)
+                frames = gr.Slider(
+                    2, 64, value=16, step=1, label="video frames", elem_id="frames", visible=loaded.takes_videos
+                )
                 question = gr.Textbox(label="question", elem_id="question")
                 chosen = gr.CheckboxGroup(
                     methods, value=[m for m in DEFAULT if m in methods], label="methods", elem_id="methods"
@@ -70,7 +100,7 @@ def build(model: str | None = None):
                     label="results",
                     elem_id="results",
                 )
-        button.click(run, [image, question, chosen, keep], [gallery, table])
+        button.click(run, [image, video, question, chosen, keep, frames], [gallery, table])
     return app
 
 

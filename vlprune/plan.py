@@ -40,6 +40,10 @@ class KeepPlan:
     space : str
         Where the values were combined: ``"llm"`` (decoder hidden states before ``layer``) or ``"vision"`` (the
         projector's input; VisionZip's [CLS] token, not a placeholder, is then a further unlisted source).
+    grids : list of list, optional
+        Per sample, per image (in prompt order), its token grid ``(frames, h, w)``: ``frames`` is 1 for an image,
+        the frame count (temporal patches on Qwen-VL) for a video; ``None`` for an image whose tokens form no single
+        grid (tiled images). Visual indices run frame by frame, row by row within a frame.
     """
 
     layer: int
@@ -52,6 +56,7 @@ class KeepPlan:
     merge_weight: list[torch.Tensor]
     space: str = "llm"
     visual_rows: list[torch.Tensor] | None = None
+    grids: list[list[tuple[int, int, int] | None]] | None = None
 
     @property
     def kept_per_sample(self) -> list[int]:

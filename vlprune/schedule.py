@@ -50,6 +50,12 @@ class SampleLayout:
         return [(None, self.grids[j])]
 
 
+def token_grids(layout: SampleLayout) -> list[tuple[int, int, int] | None]:
+    """Per image of ``layout``, ``(frames, h, w)`` of its tokens, or ``None`` when they form no single grid."""
+    frames = layout.frames or [1] * len(layout.grids)
+    return [None if grid is None else (t, *grid) for grid, t in zip(layout.grids, frames, strict=True)]
+
+
 def resolve(config: PruneConfig, adapter) -> list[ResolvedStage]:
     """Instantiate the selectors and check every stage against the model; raises before anything is installed."""
     resolved = []
@@ -261,6 +267,7 @@ def decide(rs: ResolvedStage, inputs: StageInputs, layouts: list[SampleLayout]):
         image_of=image_of,
         num_visual=[int(layout.positions.numel()) for layout in layouts],
         visual_rows=[layout.positions for layout in layouts],
+        grids=[token_grids(layout) for layout in layouts],
         merged_into=merged_into,
         merge_weight=merge_weight,
         space=rs.selector.space,

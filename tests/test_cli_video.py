@@ -1,0 +1,199 @@
+"""``vlprune run --video`` and the demo's video path, on a tiny random LLaVA-OneVision checkpoint saved with a real
+``LlavaOnevisionProcessor`` (word-level tokenizer; frames resized to 56 px: 4 x 4 patches pooled to 2 x 2 = 4 tokens
+per frame, then one newline per video)."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from test_video import moving_square, write_video
+
+from vlprune import cli
+
+from families import VIDEO, LlavaOnevisionVideo
+from tiny import IMAGE, VOCAB
+
+FRAMES, PER_FRAME = 8, 4
+WORDS = "what moves in the video ? answer :".split()
+TEMPLATE = (
+    "{% for message in messages %}{% for part in message['content'] %}{% if part['type'] == 'video' %}<video> "
+    "{% elif part['type'] == 'image' %}<image> {% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %} answer :{% endif %}"
+)
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": IMAGE, "<video>": VIDEO}
+    for word in WORDS:
+        vocab[word] = len(vocab) - 2
+    for i in range(VOCAB):  # every id the random model can emit decodes to a word
+        if i not in vocab.values():
+            vocab[f"w{i}"] = i
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    core.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A saved tiny LLaVA-OneVision (2 decoder layers) and its processor."""
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    folder = tmp_path_factory.mktemp("tiny-onevision")
+    model = LlavaOnevisionVideo().build(layers=2)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 2
+    model.save_pretrained(folder)
+    side = {"height": 56, "width": 56}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=side, image_grid_pinpoints=[[56, 56]]),
+        video_processor=LlavaOnevisionVideoProcessor(size=side),
+        tokenizer=tokenizer(),
+        num_image_tokens=16,
+        vision_feature_select_strategy="full",
+        chat_template=TEMPLATE,
+    )
+    processor.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    return write_video(tmp_path_factory.mktemp("clip") / "clip.mp4", moving_square(20))
+
+
+def test_the_processor_gives_the_tokens_the_adapter_expects(checkpoint, video):
+    from vlprune.video import load_video
+
+    loaded = cli.load(checkpoint)
+    frames = load_video(video, num_frames=FRAMES).frames
+    inputs = loaded.inputs(None, "what moves ?", video=frames)
+    assert inputs["pixel_values_videos"].shape == (1, FRAMES, 3, 56, 56)
+    assert int((inputs["input_ids"] == VIDEO).sum()) == FRAMES * PER_FRAME + 1
+    assert loaded.takes_videos
+
+
+def test_run_video_answers_keeps_and_draws_each_method(checkpoint, video, tmp_path, capsys):
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+    out = tmp_path / "overlays"
+    argv = ["run", "--video", video, "--frames", str(FRAMES), "--model", checkpoint, "--question", "what moves ?"]
+    argv += ["--methods", "uniform,dycoke,holitom", "--keep", "12", "--out", str(out), "--max-new-tokens", "3"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()[2:]
+    kept = {line.split()[0]: next(w for w in line.split() if re.fullmatch(r"\d+/\d+", w)) for line in printed}
+    answers = {line.split()[0]: line[13:34].strip() for line in printed}
+    assert list(kept) == ["unpruned", "uniform", "dycoke", "holitom"]
+    total = FRAMES * PER_FRAME
+    assert kept["unpruned"] == f"{total + 1}/{total + 1}"  # every placeholder, the newline included
+    assert kept["uniform"] == kept["dycoke"] == f"12/{total}"
+    # HoliTom merges each static position over its window whatever the budget, so it may keep fewer
+    assert kept["holitom"].endswith(f"/{total}") and int(kept["holitom"].split("/")[0]) <= 12
+    width, height = 2 * 64, 2 * 48  # the 64 x 48 px frames as read, scaled by a whole factor to at most 160 px
+    for method in ("uniform", "dycoke", "holitom"):
+        assert Image.open(out / f"{method}.png").size == (FRAMES * (width + 4) - 4, height)
+
+    # the unpruned answer is the model's own greedy answer on the processor's inputs
+    from vlprune.video import load_video
+
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(checkpoint).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "what moves ?"}]}],
+        add_generation_prompt=True,
+    )
+    inputs = processor(text=text, videos=[load_video(video, num_frames=FRAMES).frames], return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=3, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    expected = processor.decode(ids, skip_special_tokens=True).strip()
+    assert answers["unpruned"] == expected
+
+
+def test_video_overlay_marks_each_frame_token():
+    from vlprune.plan import KeepPlan
+
+    t, h, w = 2, 2, 2
+    frames = np.full((t, 8, 8, 3), 200, np.uint8)
+    keep = torch.tensor([0, 5])
+    into = torch.tensor([0, 0, -1, -1, -1, 5, -1, 5])  # token 1 merged into 0, 7 into 5, the rest dropped
+    plan = KeepPlan(
+        layer=0,
+        method="test",
+        keep_visual=[keep],
+        keep_tokens=[keep],
+        image_of=[torch.zeros(2, dtype=torch.long)],
+        num_visual=[t * h * w],
+        merged_into=[into],
+        merge_weight=[torch.ones(8)],
+        grids=[[(t, h, w)]],
+    )
+    sheet = np.asarray(cli.video_overlay(frames, plan))
+
+    def cell(f, r, c):  # the centre pixel of token (r, c) of frame f: 8 px frames drawn at 160 px, 80 px cells
+        return sheet[r * 80 + 40, f * (160 + 4) + c * 80 + 40]
+
+    assert (cell(0, 0, 0) == 200).all()  # kept: outlined only, centre untouched
+    assert (cell(1, 0, 1) == 200).all()
+    assert cell(0, 1, 0).max() < 100  # dropped: dimmed
+    assert cell(0, 0, 1).tolist() != [200, 200, 200] and cell(0, 0, 1).max() > 100  # merged into token 0: tinted
+    assert cell(0, 0, 1).tolist() != cell(1, 1, 1).tolist()  # ... in another colour than token 5's group
+    plan.grids = [[None]]
+    assert cli.video_overlay(frames, plan) is None
+
+
+def test_video_errors(checkpoint, video, tmp_path, capsys):
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (56, 56)).save(image)
+    assert cli.main(["run", "--video", video, "--question", "what ?", "--methods", "uniform"]) == 2
+    assert "takes images only; for a video, pass --model" in capsys.readouterr().err
+    assert cli.main(["run", "--video", str(tmp_path / "none.mp4"), "--model", checkpoint, "--question", "q"]) == 2
+    assert "no video file" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="prune videos"):
+        cli.main(["run", "--image", str(image), "--question", "q", "--methods", "dycoke", "--model", checkpoint])
+    with pytest.raises(SystemExit, match="--frames applies to --video"):
+        cli.main(["run", "--image", str(image), "--question", "q", "--frames", "4"])
+    with pytest.raises(SystemExit):  # argparse: --image and --video are exclusive
+        cli.main(["run", "--image", str(image), "--video", video, "--question", "q"])
+    capsys.readouterr()
+
+
+def test_demo_runs_methods_on_a_video(checkpoint, video):
+    pytest.importorskip("gradio")
+    from vlprune import demo
+    from vlprune.video import load_video
+
+    loaded = cli.load(checkpoint)
+    gallery, rows = demo.results(loaded, None, video, "what moves ?", ["uniform", "dycoke"], 12, FRAMES)
+    assert [row[0] for row in rows] == ["unpruned", "uniform", "dycoke"]
+    assert [row[2] for row in rows] == [f"{FRAMES * PER_FRAME + 1}/{FRAMES * PER_FRAME + 1}"] + [
+        f"12/{FRAMES * PER_FRAME}"
+    ] * 2
+    assert [caption.split(":")[0] for _, caption in gallery] == ["unpruned", "uniform", "dycoke"]
+    frames = load_video(video, num_frames=FRAMES).frames
+    assert gallery[0][0].size == (FRAMES * (64 + 4) - 4, 48)  # the frames as read, side by side
+    with cli.wrap(loaded.model, "uniform", keep=12) as pruned:  # the overlay is the CLI's, of the same plan
+        loaded.model.generate(**loaded.inputs(None, "what moves ?", video=frames), max_new_tokens=1)
+        expected = cli.video_overlay(frames, pruned.plans[-1])
+    assert np.array_equal(np.asarray(gallery[1][0]), np.asarray(expected))
+    with pytest.raises(ValueError, match="give an image or a video"):
+        demo.results(loaded, None, None, "what moves ?", ["uniform"], 12)
+    app = demo.build(checkpoint)  # a model that takes videos: the video input and the temporal methods are offered
+    components = {c.get("props", {}).get("elem_id"): c["props"] for c in app.config["components"]}
+    assert components["video"]["visible"] and components["frames"]["visible"]
+    choices = [c[0] if isinstance(c, (list, tuple)) else c for c in components["methods"]["choices"]]
+    assert {"dycoke", "holitom", "uniform"} <= set(choices)
