@@ -25,6 +25,7 @@ class Adapter:
     # Signals this family provides: "yes", or "substitute: <what stands in, and who used it>". Others: a clear error
     # naming the model and the method. ``vlprune.support_table()`` (and the README's table) is derived from this.
     signals: ClassVar[dict[str, str]] = {}
+    image_only: ClassVar[tuple[str, ...]] = ()  # signals among ``signals`` refused (clear error) for video inputs
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

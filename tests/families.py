@@ -17,6 +17,8 @@ from transformers import (
     LlamaConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
@@ -357,6 +359,17 @@ class LlavaNext(Llava):
         return one
 
 
+class LlavaNextVideo(LlavaNext):
+    """LLaVA-NeXT-Video on images: LLaVA-NeXT's tiles (video frames: :class:`LlavaNextVideoVideo`)."""
+
+    name = "llava_next_video"
+
+    def config(self, layers: int):
+        config_class, model_class, vision, text, settings = super().config(layers)
+        settings.update(video_token_id=VIDEO, spatial_pool_stride=2, spatial_pool_mode="average")
+        return LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration, vision, text, settings
+
+
 class LlavaOnevision(LlavaNext):
     """SigLIP (no [CLS]) 56 px tiles; pinpoints up to 224 x 224, so a (224, 224) image's 16 x 16 crop grid is
     interpolated down to 12 x 12 (anyres_max_9); a sample with several images gives each one tile
@@ -425,5 +438,51 @@ class LlavaOnevisionVideo(LlavaOnevision):
         return one
 
 
-FAMILIES = {f.name: f for f in (Llava(), Qwen2VL(), Qwen25VL(), Qwen3VL(), InternVL(), LlavaNext(), LlavaOnevision())}
-VIDEO_FAMILIES = {f.name: f for f in (Qwen2VLVideo(), Qwen25VLVideo(), LlavaOnevisionVideo())}  # video inputs
+class LlavaNextVideoVideo(LlavaNextVideo):
+    """Videos: each ``size`` is a frame count (equal within a batch); 56 px frames give 4 x 4 patches, pooled 2 x 2
+    to 4 tokens per frame, no newline."""
+
+    per_frame = 4
+
+    def inputs(self, model, shapes, seed=0) -> dict:
+        prompts, frames = [], [size for shape in shapes for size in shape[2]]
+        for i, (before, after, sizes) in enumerate(shapes):
+            g = torch.Generator().manual_seed(seed + i)
+            ids = [1] + _text(g, before)
+            for size in sizes:
+                ids += [VIDEO] * (size * self.per_frame) + _text(g, after)
+            prompts.append(ids)
+        ids, mask = batch(prompts)
+        g = torch.Generator().manual_seed(1000 + seed)
+        pixels = torch.randn(len(frames), max(frames), 3, 56, 56, generator=g)
+        return dict(input_ids=ids, attention_mask=mask, pixel_values_videos=pixels)
+
+    def pixels(self, inputs) -> torch.Tensor:
+        return inputs["pixel_values_videos"]
+
+    def image_kwargs(self, inputs) -> dict:
+        return {"videos": True}
+
+    def visual_tokens(self, model, inputs, shapes):
+        return inputs["input_ids"] == VIDEO, [[self.tokens(s) for s in shape[2]] for shape in shapes]
+
+    def tokens(self, size) -> int:
+        return size * self.per_frame
+
+    def frames(self, size) -> tuple[int, int]:
+        return size, self.per_frame
+
+    def split(self, inputs, shapes, b: int) -> dict:
+        first = sum(len(s[2]) for s in shapes[:b])
+        one = self._one(inputs, b)
+        one["pixel_values_videos"] = inputs["pixel_values_videos"][first : first + len(shapes[b][2])]
+        return one
+
+
+FAMILIES = {
+    f.name: f
+    for f in (Llava(), Qwen2VL(), Qwen25VL(), Qwen3VL(), InternVL(), LlavaNext(), LlavaNextVideo(), LlavaOnevision())
+}
+VIDEO_FAMILIES = {  # video inputs
+    f.name: f for f in (Qwen2VLVideo(), Qwen25VLVideo(), LlavaNextVideoVideo(), LlavaOnevisionVideo())
+}

@@ -15,6 +15,7 @@ LAYER, RATIO, THRESHOLD = 2, 0.5, 0.9
 SHAPES = {
     "qwen": ((3, 2, ((4, 4, 4),)), (1, 3, ((2, 4, 8),))),
     "llava_onevision": ((3, 2, (4,)), (1, 3, (4,))),
+    "llava_next_video": ((3, 2, (4,)), (1, 3, (4,))),
 }
 
 

@@ -7,6 +7,8 @@ import torch
 from transformers.image_processing_utils import select_best_resolution
 
 import vlprune
+from vlprune.registry import adapter_class, create_selector
+from vlprune.support import missing_signals, support
 
 from families import FAMILIES, VIDEO_FAMILIES
 from reference import deepstack_of, embed, greedy, layer_loop, merges_of, original_positions, state
@@ -17,15 +19,18 @@ SHAPES = {
     "qwen": ((3, 2, ((8, 8),)), (1, 3, ((4, 8), (8, 8))), (5, 1, ((4, 8),))),  # patch grids
     "internvl": ((3, 2, (1,)), (1, 3, (2, 1)), (5, 1, (2,))),  # tiles per image
     "llava_next": ((3, 2, ((56, 112),)), (1, 3, ((30, 112), (56, 56))), (5, 1, ((56, 56),))),  # pixels (H, W)
+    "llava_next_video": ((3, 2, ((56, 112),)), (1, 3, ((30, 112), (56, 56))), (5, 1, ((56, 56),))),
     "llava_onevision": ((3, 2, ((224, 224),)), (1, 3, ((30, 112), (56, 56))), (5, 1, ((56, 112),))),
 }
-VIDEO_SHAPES = {  # Qwen-VL: (t, h, w) patch grids; LLaVA-OneVision: frames (one count per batch)
+VIDEO_SHAPES = {  # Qwen-VL: (t, h, w) patch grids; LLaVA-OneVision, LLaVA-NeXT-Video: frames (one count per batch)
     "qwen": ((3, 2, ((2, 4, 8),)), (1, 3, ((1, 4, 8), (2, 8, 8))), (5, 1, ((3, 4, 4),))),
     "llava_onevision": ((3, 2, (4,)), (1, 3, (4, 4)), (5, 1, (4,))),
+    "llava_next_video": ((3, 2, (4,)), (1, 3, (4, 4)), (5, 1, (4,))),
 }
 DYCOKE_SHAPES = {  # two frames at least
     "qwen": ((3, 2, ((4, 4, 4),)), (1, 3, ((2, 4, 8), (3, 8, 4))), (5, 1, ((2, 4, 4),))),
     "llava_onevision": ((3, 2, (4,)), (1, 3, (4, 4)), (5, 1, (4,))),
+    "llava_next_video": ((3, 2, (4,)), (1, 3, (4, 4)), (5, 1, (4,))),
 }
 
 
@@ -45,10 +50,19 @@ def case(request):
     return family, model
 
 
-def supported(family, kind: str) -> list[str]:
-    """Methods for ``kind`` ("image" or "video") inputs that the family supports."""
+def supported(family, kind: str, videos: bool = False) -> list[str]:
+    """Methods for ``kind`` ("image" or "video") methods that the family supports (on its video inputs when
+    ``videos``)."""
     table = vlprune.support_table()
-    return [m for m in vlprune.list_methods(kind) if table[m][family.name] != "no"]
+    ok = [m for m in vlprune.list_methods(kind) if table[m][family.name] != "no"]
+    return [m for m in ok if not (videos and image_only(family, m))]
+
+
+def image_only(family, method: str) -> bool:
+    """Whether ``method`` reads a signal that ``family`` gives for images only (a clear error on its videos)."""
+    adapter = adapter_class(family.name)
+    video_signals = {k: v for k, v in adapter.signals.items() if k not in adapter.image_only}
+    return bool(missing_signals(create_selector(method), video_signals))
 
 
 def check_first_plan(plan, candidates, counts):
@@ -93,14 +107,23 @@ def video_case(request):
 @pytest.mark.parametrize("method", vlprune.list_methods("image"))
 @pytest.mark.parametrize("budget", [{"keep": 3}, {"ratio": 0.5}], ids=["keep3", "ratio0.5"])
 def test_every_method_on_qwen_videos(video_case, method, budget):
-    """Image methods on video tokens: one budget per video, M-RoPE rows (the temporal one included) kept."""
+    """Image methods on video tokens: one budget per video, M-RoPE rows (the temporal one included) kept; a method
+    reading a signal the family gives for images only is a clear error when it meets a video."""
     family, model = video_case
+    if image_only(family, method) and support(method, family.name) != "no":
+        inputs = family.inputs(model, video_shapes(family)[:1])
+        before = state(model)
+        with vlprune.wrap(model, method, **budget, **TINY_PARAMS.get(method, {})):
+            with pytest.raises(ValueError, match="do not map to its video tokens"):
+                run(model, inputs)
+        assert state(model) == before
+        return
     check_method(family, model, method, budget, video_shapes(family))
 
 
 def test_every_supported_method_is_the_identity_at_keep_all_on_videos(video_case):
-    check_identity(*video_case, video_shapes(video_case[0])[:2], "image")
-    check_identity(*video_case, video_shapes(video_case[0], DYCOKE_SHAPES)[:2], "video")
+    check_identity(*video_case, video_shapes(video_case[0])[:2], "image", videos=True)
+    check_identity(*video_case, video_shapes(video_case[0], DYCOKE_SHAPES)[:2], "video", videos=True)
 
 
 @pytest.mark.parametrize("budget", [{"ratio": 0.75}, {"keep": 9}, "paper"], ids=["ratio0.75", "keep9", "paper-count"])
@@ -204,10 +227,10 @@ def test_every_supported_method_is_the_identity_at_keep_all(case):
     check_identity(*case, shapes_of(case[0].name)[:2], "image")
 
 
-def check_identity(family, model, shapes, kind):
+def check_identity(family, model, shapes, kind, videos: bool = False):
     inputs = family.inputs(model, shapes, seed=4)
     reference = run(model, inputs)
-    for method in supported(family, kind):
+    for method in supported(family, kind, videos):
         with vlprune.wrap(model, method, keep=10_000, **TINY_PARAMS.get(method, {})) as pruned:
             got = run(model, inputs)
             assert pruned.plans[0].kept_per_sample == pruned.plans[0].num_visual

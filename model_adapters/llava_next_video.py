@@ -1,0 +1,97 @@
+"""LLaVA-NeXT-Video (``LlavaNextVideoForConditionalGeneration``, model_type ``llava_next_video``): LLaVA-NeXT for
+images (anyres tiles packed with row-end newlines, :mod:`.llava_next`), and for videos every frame through the
+same CLIP tower, then a 2 x 2 spatial pooling (``spatial_pool_stride``; 24 x 24 -> 12 x 12 on the released models)
+before the projector. Video tokens carry no newline: a video is one budget unit of ``frames x h x w`` tokens, the
+frames in order, each a raster grid (``grid`` per frame, ``frames``), read from the model's own
+``get_video_features`` call. A batch holds images or videos, not both.
+
+Video frames give the projected, pooled ``features`` and every decoder-side signal. Per-patch vision signals
+([CLS] attention, the projector's input) are taken before the pooling, so they do not map to the video tokens and
+are refused for videos with a clear error.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..hooks import HookSet
+from ..registry import register_adapter
+from ..signals import SIGNALS, SignalRequest
+from .base import Adapter
+from .llava_next import TILE_LEVEL, LlavaNextAdapter
+
+
+@register_adapter("llava_next_video")
+class LlavaNextVideoAdapter(LlavaNextAdapter):
+    """Signals: as LLaVA-NeXT for images; ``features``, ``grid``, ``frames`` and every decoder-side signal for
+    videos."""
+
+    model_type = "llava_next_video"
+    summary = "LLaVA-NeXT-Video: LLaVA-NeXT images; video frames pooled 2 x 2, no newline"
+    signals = {name: "yes" for name in SIGNALS if name not in (*TILE_LEVEL, "received_attention")}
+    image_only = ("cls_attention", "vision_hidden", "projector")  # captured per patch, before the video pooling
+
+    # --- tokens ------------------------------------------------------------------------------------------------
+    def visual_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
+        return self.images_or_videos(input_ids, inputs_embeds, self.model.config.video_token_id)
+
+    def image_sizes(self, store: dict) -> list[int] | None:
+        if "videos" in store:
+            return [frames * store["frame_tokens"] for frames in store["videos"]]
+        return super().image_sizes(store)
+
+    def grid_of(self, store: dict, image: int, count: int) -> tuple[int, int] | None:
+        if "videos" in store:
+            return self.image_grid(store["frame_tokens"])
+        return super().grid_of(store, image, count)
+
+    def frames_of(self, store: dict, image: int) -> int:
+        return store["videos"][image] if "videos" in store else 1
+
+    def layouts(self, visual: torch.Tensor, store: dict) -> list:
+        if "videos" in store:  # no newlines, no tiles
+            return Adapter.layouts(self, visual, store)
+        return super().layouts(visual, store)
+
+    # --- signals -----------------------------------------------------------------------------------------------
+    def check_vision(self, store: dict, layouts: list, required: set[str]) -> None:
+        if "videos" in store:
+            per_patch = sorted(set(required) & set(self.image_only))
+            if per_patch:
+                raise ValueError(
+                    f"{per_patch} are taken per patch before {self.model_type}'s video pooling and do not map to its "
+                    "video tokens; use a method reading features or the LLM for videos"
+                )
+            for name in self.image_only:  # what the hooks caught of the frames before pooling
+                store.pop(name, None)
+        super().check_vision(store, layouts, required)
+
+    def install_vision(self, requests: list[SignalRequest], store: dict, hooks: HookSet) -> None:
+        super().install_vision(requests, store, hooks)
+        features = any(r.name == "features" for r in requests)
+        hooks.method(self.base, "get_video_features", lambda original: self._video_encoder(original, store, features))
+
+    def _packer(self, original, store: dict):
+        pack = super()._packer(original, store)
+
+        def run(*args, **kwargs):
+            store.pop("videos", None)  # this call encodes images
+            return pack(*args, **kwargs)
+
+        return run
+
+    def _video_encoder(self, original, store: dict, wants_features: bool):
+        """``get_video_features`` that also records each video's frame count and tokens per frame, and (for the
+        ``features`` signal) each video's projected, pooled frame tokens."""
+
+        def encode(pixel_values_videos, *args, **kwargs):
+            out = original(pixel_values_videos, *args, **kwargs)
+            videos, frames = pixel_values_videos.shape[:2]
+            pooled = out.pooler_output  # (videos, frames * per_frame, D)
+            store.pop("packed", None)
+            store["videos"], store["frame_tokens"] = [frames] * videos, pooled.shape[1] // frames
+            if wants_features:
+                store["features"] = [p.detach() for p in pooled]
+            return out
+
+        return encode
