@@ -12,7 +12,9 @@ there), which is what the ``features`` signal carries.
 
 Videos: a video is one budget unit of ``t x h x w`` tokens (``t`` temporal patches of two frames each); its tokens
 keep their M-RoPE rows, the temporal row included. A batch holds images or videos, not both (the model encodes them
-in two vision calls).
+in two vision calls). Qwen3-VL writes each temporal patch as its own run of placeholders after a timestamp, each
+with its own time position; the video is still one unit of ``t x h x w`` tokens (the runs in order, the timestamps
+and run delimiters text that is always kept), and its DeepStack rows follow its kept tokens as for images.
 """
 
 from __future__ import annotations
@@ -110,19 +112,12 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     """Qwen3-VL: as Qwen2-VL, plus DeepStack: the features of a few vision layers are added to the visual tokens'
     hidden states after the first decoder layers. Wrapped, vlprune adds them itself, to the visual tokens still
     present at each of those layers (each token gets its own rows; a merged token gets the rows of the token whose
-    slot it keeps), so a stage before or between those layers keeps them consistent."""
+    slot it keeps), so a stage before or between those layers keeps them consistent. Videos as for Qwen2-VL, each
+    temporal patch a separate run of placeholders (see the module docstring)."""
 
     model_type = "qwen3_vl"
     summary = "Qwen3-VL: as Qwen2-VL, DeepStack features follow the kept tokens"
-    signals = {name: "yes" for name in SUPPORTED if name != "frames"}  # videos are refused for now
-
-    def visual_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
-        if input_ids is not None and (input_ids == self.model.config.video_token_id).any():
-            raise ValueError(
-                f"vlprune does not prune {self.model_type} video inputs yet (timestamped frames with DeepStack "
-                "features); unwrap the model for prompts with videos"
-            )
-        return super().visual_mask(input_ids, inputs_embeds)
+    signals = {name: "yes" for name in SUPPORTED}
 
     def install_language(self, hooks: HookSet, current_rows, in_prefill) -> None:
         saved: dict = {}

@@ -137,7 +137,7 @@ class Qwen2VL(Llava):
             g = torch.Generator().manual_seed(seed + i)
             ids = [1] + _text(g, before)
             for size in sizes:
-                ids += [VSTART] + [self.token] * self.tokens(size) + [VEND] + _text(g, after)
+                ids += self.placeholders(g, size) + _text(g, after)
                 grids.append(list(self.thw(size)))
             prompts.append(ids)
         ids, mask = batch(prompts)
@@ -151,6 +151,10 @@ class Qwen2VL(Llava):
             self.grid_key: grid,
             "mm_token_type_ids": self.type_id * (ids == self.token).int(),
         }
+
+    def placeholders(self, g: torch.Generator, size) -> list[int]:
+        """The ids an input of ``size`` occupies in the prompt."""
+        return [VSTART] + [self.token] * self.tokens(size) + [VEND]
 
     def positions(self, model, inputs) -> torch.Tensor:
         """Positions of the prompt (and of tokens generated after it: text, whatever their ids)."""
@@ -479,10 +483,19 @@ class LlavaNextVideoVideo(LlavaNextVideo):
         return one
 
 
+class Qwen3VLVideo(QwenVideo, Qwen3VL):
+    """Qwen3-VL videos as its processor writes them: each temporal patch is its own run, ``<timestamp text>
+    <vision_start> h * w / 4 tokens <vision_end>``, and the model's M-RoPE gives each run its own time position."""
+
+    def placeholders(self, g: torch.Generator, size) -> list[int]:
+        t, h, w = self.thw(size)
+        return [i for _ in range(t) for i in _text(g, 2) + [VSTART] + [self.token] * (h * w // 4) + [VEND]]
+
+
 FAMILIES = {
     f.name: f
     for f in (Llava(), Qwen2VL(), Qwen25VL(), Qwen3VL(), InternVL(), LlavaNext(), LlavaNextVideo(), LlavaOnevision())
 }
 VIDEO_FAMILIES = {  # video inputs
-    f.name: f for f in (Qwen2VLVideo(), Qwen25VLVideo(), LlavaNextVideoVideo(), LlavaOnevisionVideo())
+    f.name: f for f in (Qwen2VLVideo(), Qwen25VLVideo(), Qwen3VLVideo(), LlavaNextVideoVideo(), LlavaOnevisionVideo())
 }

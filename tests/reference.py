@@ -38,8 +38,13 @@ def deepstack_of(model, ids, pixel_values, **image_kwargs):
     layers; ``None`` for other models."""
     if not hasattr(model.config.vision_config, "deepstack_visual_indexes"):
         return None
-    out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **image_kwargs)
-    return ids == model.config.image_token_id, [torch.cat(list(level), 0) for level in out.deepstack_features]
+    if "video_grid_thw" in image_kwargs:
+        out = model.model.get_video_features(pixel_values_videos=pixel_values, return_dict=True, **image_kwargs)
+        token = model.config.video_token_id
+    else:
+        out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **image_kwargs)
+        token = model.config.image_token_id
+    return ids == token, [torch.cat(list(level), 0) for level in out.deepstack_features]
 
 
 def original_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -113,18 +118,26 @@ def layer_loop(model, embeds, mask, positions, stages: list[tuple], renumber=Fal
                 config=config, inputs_embeds=h, attention_mask=m, past_key_values=None, position_ids=text_pos
             )
         h = block(h, attention_mask=mask4, position_embeddings=cos_sin, position_ids=text_pos)
-        if deepstack is not None and i < len(deepstack[1]):
-            visual, levels = deepstack
-            index = {}
-            for b in range(visual.shape[0]):
-                for r in torch.nonzero(visual[b]).flatten().tolist():
-                    index[(b, r)] = len(index)
-            h = h.clone()
-            for b in range(h.shape[0]):
-                for slot, r in enumerate(rows[b].tolist()):
-                    if (b, r) in index:
-                        h[b, slot] = h[b, slot] + levels[i][index[(b, r)]]
+        h = add_deepstack(h, rows, deepstack, i)
     return model.lm_head(lm.norm(h))
+
+
+def add_deepstack(h: torch.Tensor, rows: torch.Tensor, deepstack, level: int) -> torch.Tensor:
+    """``h`` (B, S, D) after decoder layer ``level`` with Qwen3-VL's DeepStack rows added: each slot holding the
+    visual token of input row ``rows[b, slot]`` gets that token's row of ``deepstack`` (:func:`deepstack_of`)."""
+    if deepstack is None or level >= len(deepstack[1]):
+        return h
+    visual, levels = deepstack
+    index = {}
+    for b in range(visual.shape[0]):
+        for r in torch.nonzero(visual[b]).flatten().tolist():
+            index[(b, r)] = len(index)
+    h = h.clone()
+    for b in range(h.shape[0]):
+        for slot, r in enumerate(rows[b].tolist()):
+            if (b, r) in index:
+                h[b, slot] = h[b, slot] + levels[level][index[(b, r)]]
+    return h
 
 
 def greedy(

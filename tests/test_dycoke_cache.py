@@ -9,7 +9,7 @@ from transformers.masking_utils import create_causal_mask
 import vlprune
 
 from families import VIDEO_FAMILIES
-from reference import embed, gather, state
+from reference import add_deepstack, deepstack_of, embed, gather, state
 
 LAYER, RATIO, THRESHOLD = 2, 0.5, 0.9
 SHAPES = {
@@ -44,6 +44,7 @@ def hand_decode(model, family, inputs, plan, steps: int, eos=2, pad=0):
     lm, config = model.model.language_model, model.config.text_config
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     prompt = embed(model, ids, family.pixels(inputs), **family.image_kwargs(inputs))
+    stack = deepstack_of(model, ids, family.pixels(inputs), **family.image_kwargs(inputs))  # Qwen3-VL; else None
     b_count, length = ids.shape
     new = torch.zeros(b_count, 0, dtype=torch.long)
     states, decisions, scores_per_step = [{} for _ in range(b_count)], [], []
@@ -69,6 +70,7 @@ def hand_decode(model, family, inputs, plan, steps: int, eos=2, pad=0):
         hook = lm.layers[LAYER - 1].self_attn.register_forward_hook(record(weights))
         for i in range(LAYER):
             h = lm.layers[i](h, attention_mask=mask4, position_embeddings=cos_sin, position_ids=text_pos)
+            h = add_deepstack(h, rows, stack, i)
         hook.remove()
         restricted = mask4.clone()
         fill = False if restricted.dtype == torch.bool else torch.finfo(restricted.dtype).min
@@ -89,6 +91,7 @@ def hand_decode(model, family, inputs, plan, steps: int, eos=2, pad=0):
             decisions.append(step)
         for i in range(LAYER, len(lm.layers)):
             h = lm.layers[i](h, attention_mask=restricted, position_embeddings=cos_sin, position_ids=text_pos)
+            h = add_deepstack(h, rows, stack, i)
         logits = model.lm_head(lm.norm(h))
         scores_per_step.append(logits[:, -1])
         new = torch.cat([new, logits[:, -1].argmax(-1, keepdim=True)], 1)
