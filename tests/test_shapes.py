@@ -86,23 +86,35 @@ def test_training_inputs_match_the_processor():
     assert (inputs["input_ids"] == embedded.IMAGE).sum() == 144
 
 
-def test_training_script_stops_resumes_and_runs_a_decoder_phase(tmp_path):
-    """``--stop`` checkpoints and saves mid-schedule; ``--resume --decoder`` re-initialises the decoder layers and
-    trains only them: the vision tower, projector and embeddings end as phase one left them."""
+def test_training_script_stops_resumes_and_runs_vision_and_decoder_phases(tmp_path):
+    """``--stop`` checkpoints and saves mid-schedule; ``--resume --vision`` trains only the vision tower, projector,
+    embeddings and auxiliary heads (the decoder layers end as they were); ``--resume --decoder`` re-initialises the
+    decoder layers and trains only them (the rest ends as the vision phase left it)."""
     common = ["--out", str(tmp_path), "--steps", "4", "--batch", "4", "--every", "2", "--threads", "1"]
     common += ["--validation", "12"]
     train.main([*common, "--stop", "1"])
     first = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert first["step"] == 1 and first["decoder_from"] is None and first["phases"][0]["stopped_at"] == 1
+    assert first["step"] == 1 and first["phase"] == {"kind": "joint", "from": 0}
+    assert first["phases"][0]["stopped_at"] == 1
+    assert {"rows.weight", "cols.weight"} <= set(first["heads"])  # where each patch lies, on the projected features
     assert (tmp_path / "config.json").is_file() and (tmp_path / "training.json").is_file()
-    train.main([*common, "--resume", "--decoder"])
+    train.main([*common, "--resume", "--vision", "--stop", "2"])
     second = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert second["step"] == 4 and second["decoder_from"] == 1
-    assert [p["from_step"] for p in second["phases"]] == [0, 1] and second["phases"][1]["decoder"] == "True"
-    for name, value in second["model"].items():
-        assert torch.equal(value, first["model"][name]) != train.is_decoder(name), name
+    assert second["step"] == 2 and second["phase"] == {"kind": "vision", "from": 1}
+    changed = {name: not torch.equal(value, first["model"][name]) for name, value in second["model"].items()}
+    assert not any(changed[name] for name in changed if train.is_decoder(name))
+    assert changed["model.vision_tower.embeddings.patch_embedding.weight"]
+    assert changed["model.multi_modal_projector.linear_1.weight"]
+    train.main([*common, "--resume", "--decoder"])
+    third = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert third["step"] == 4 and third["phase"] == {"kind": "decoder", "from": 2}
+    assert [p["from_step"] for p in third["phases"]] == [0, 1, 2]
+    assert third["phases"][1]["vision"] == "True" and third["phases"][2]["decoder"] == "True"
+    for name, value in third["model"].items():
+        assert torch.equal(value, second["model"][name]) != train.is_decoder(name), name
     card = json.loads((tmp_path / "training.json").read_text())
-    assert [entry["step"] for entry in card["log"]] == [1, 2, 4] and len(card["phases"]) == 2
+    assert [entry["step"] for entry in card["log"]] == [1, 2, 4] and len(card["phases"]) == 3
+    assert card["log"][1]["loss"] is None and card["log"][2]["loss"] > 0  # no answer loss in the vision phase
 
 
 @pytest.fixture(scope="module")

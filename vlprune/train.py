@@ -10,12 +10,15 @@ suggest. For the vision tower: every patch predicts the object class and the let
 scene holds, so that [CLS] attention means something, as in CLIP. Between them: each projected patch, read through
 the decoder's (tied) output embedding, names the colour, shape and quadrant of the object under it, or the letter
 (:func:`vlprune.shapes.patch_words`), so that a question's words and the visual tokens they refer to start out
-close. For the decoder: a share of each batch
+close; and each projected patch predicts its own row and column, so that where a patch lies is in the features the
+decoder reads (its rotary positions are 1-D). For the decoder: a share of each batch
 (``--captions``) asks "describe the scene ?" and is answered by a caption listing every object's colour, shape and
 quadrant (:func:`vlprune.shapes.describe`), which gives many grounded target words per image where a question gives
 one. Learning rate: linear warm-up, then cosine decay. The auxiliary heads are not part of the saved model.
 
-``--stop N`` ends a run after step ``N`` (its schedule still spans ``--steps``); ``--resume --decoder`` then starts a
+``--stop N`` ends a run after step ``N`` (its schedule still spans ``--steps``); ``--resume --vision`` then starts a
+vision phase (the vision tower, projector, embeddings and auxiliary heads trained on the auxiliary losses alone, no
+decoder pass: a fast way to train the vision side further, or to add an auxiliary head), and ``--resume --decoder`` a
 decoder phase: the decoder layers are re-initialised and trained alone on the answers (their own warm-up and cosine
 decay over the steps left), on top of the frozen vision tower, projector and embeddings. That is a way to let a
 fresh decoder learn lookups that an end-to-end run, whose decoder settles on heuristics while the vision side is
@@ -106,31 +109,43 @@ def batch(samples, vocab: dict[str, int], extra: list[list[tuple[str, str]]] | N
 
 
 class Heads(nn.Module):
-    """Auxiliary heads on the vision tower's feature layer (training only)."""
+    """Auxiliary heads (training only): object class, letter and scene contents on the vision tower's feature layer
+    (width ``width``); each patch's row and column on the projected features (width ``text``), so that where a patch
+    lies reaches the decoder in its features."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, text: int) -> None:
         super().__init__()
+        side = shapes.SIZE // shapes.PATCH
         self.objects = nn.Linear(width, CLASSES)
         self.letters = nn.Linear(width, 1 + len(shapes.LETTERS))
         self.present = nn.Linear(width, CLASSES - 1 + len(shapes.LETTERS))
+        self.rows = nn.Linear(text, side)
+        self.cols = nn.Linear(text, side)
 
 
-def forward(model, heads: Heads, b: dict):
-    """``(answer loss, auxiliary loss, answer logits (B, L, V))`` of one batch."""
+def forward(model, heads: Heads, b: dict, decoder: bool = True):
+    """``(answer loss, auxiliary loss, answer logits (B, L, V))`` of one batch; without ``decoder`` only the
+    auxiliary loss is computed (the answer loss and logits are ``None``)."""
     base = model.model
     vision = base.vision_tower(b["pixels"], output_hidden_states=True).hidden_states[-1]  # (B, 1 + P, Dv)
     features = base.multi_modal_projector(vision[:, 1:])
+    aux = nn.functional.cross_entropy(heads.objects(vision[:, 1:]).flatten(0, 1), b["objects"].flatten())
+    aux = aux + nn.functional.cross_entropy(heads.letters(vision[:, 1:]).flatten(0, 1), b["letters"].flatten())
+    aux = aux + nn.functional.binary_cross_entropy_with_logits(heads.present(vision[:, 0]), b["present"])
+    side = shapes.SIZE // shapes.PATCH
+    grid = torch.arange(side * side).expand(features.shape[0], -1)
+    aux = aux + nn.functional.cross_entropy(heads.rows(features).flatten(0, 1), (grid // side).flatten())
+    aux = aux + nn.functional.cross_entropy(heads.cols(features).flatten(0, 1), (grid % side).flatten())
+    # grounding: each projected patch, read through the (tied) output embedding, names what lies under it
+    named = model.lm_head(features)[..., : b["words"].shape[-1]]
+    aux = aux + 10 * nn.functional.binary_cross_entropy_with_logits(named, b["words"])
+    if not decoder:
+        return None, aux, None
     embeds = base.get_input_embeddings()(b["ids"])
     embeds = embeds.masked_scatter((b["ids"] == embedded.IMAGE)[..., None], features.to(embeds.dtype))
     hidden = base.language_model(inputs_embeds=embeds, attention_mask=b["mask"]).last_hidden_state
     logits = model.lm_head(hidden[:, :-1])
     loss = nn.functional.cross_entropy(logits.flatten(0, 1), b["target"][:, 1:].flatten(), ignore_index=-100)
-    aux = nn.functional.cross_entropy(heads.objects(vision[:, 1:]).flatten(0, 1), b["objects"].flatten())
-    aux = aux + nn.functional.cross_entropy(heads.letters(vision[:, 1:]).flatten(0, 1), b["letters"].flatten())
-    aux = aux + nn.functional.binary_cross_entropy_with_logits(heads.present(vision[:, 0]), b["present"])
-    # grounding: each projected patch, read through the (tied) output embedding, names what lies under it
-    named = model.lm_head(features)[..., : b["words"].shape[-1]]
-    aux = aux + 10 * nn.functional.binary_cross_entropy_with_logits(named, b["words"])
     return loss, aux, logits
 
 
@@ -152,6 +167,17 @@ def evaluate(model, heads, samples, vocab, size: int = 100) -> dict[str, float]:
     out = {k: sum(v) / len(v) for k, v in right.items()}
     out["all"] = sum(sum(v) for v in right.values()) / sum(len(v) for v in right.values())
     return out
+
+
+def checkpoint_phase(state: dict | None) -> dict:
+    """The phase a checkpoint was saved in: ``{"kind": "joint" | "vision" | "decoder", "from": first step}``."""
+    if state is None:
+        return {"kind": "joint", "from": 0}
+    if "phase" in state:
+        return state["phase"]
+    if state.get("decoder_from") is not None:  # checkpoints from before the vision phase existed
+        return {"kind": "decoder", "from": state["decoder_from"]}
+    return {"kind": "joint", "from": 0}
 
 
 def is_decoder(name: str) -> bool:
@@ -177,7 +203,14 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--stop", type=int, default=None, help="stop after step N (the schedule still spans --steps)")
-    parser.add_argument(
+    phase = parser.add_mutually_exclusive_group()
+    phase.add_argument(
+        "--vision",
+        action="store_true",
+        help="vision phase: from this run's first step, train only the vision tower, projector, embeddings and "
+        "auxiliary heads, on the auxiliary losses (no decoder pass); its own warm-up and cosine decay",
+    )
+    phase.add_argument(
         "--decoder",
         action="store_true",
         help="decoder phase: from this run's first step, re-initialise the decoder layers and train only them (and "
@@ -192,26 +225,29 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model, processor = embedded.build_model(seed=args.seed), embedded.build_processor()
     vocab = processor.tokenizer.get_vocab()
-    heads = Heads(model.config.vision_config.hidden_size)
+    heads = Heads(model.config.vision_config.hidden_size, model.config.text_config.hidden_size)
     checkpoint = args.out / "checkpoint.pt"
     state = torch.load(checkpoint, weights_only=False) if args.resume and checkpoint.is_file() else None
     start = state["step"] if state else 0
     if state:
         model.load_state_dict(state["model"])
-        heads.load_state_dict(state["heads"])
-    decoder_from = state.get("decoder_from") if state else None
-    if args.decoder and decoder_from is None:  # entering the decoder phase: a fresh decoder on the trained vision side
-        decoder_from = start
-        fresh = embedded.build_model(seed=args.seed + 1).state_dict()
-        model.load_state_dict({k: v for k, v in fresh.items() if is_decoder(k)}, strict=False)
-    if decoder_from is not None:
-        for name, p in model.named_parameters():
-            p.requires_grad_(is_decoder(name))
-        params = [p for name, p in model.named_parameters() if is_decoder(name)]
-    else:
+        heads.load_state_dict(state["heads"], strict=False)  # heads added since start fresh
+    current = checkpoint_phase(state)
+    wanted = "vision" if args.vision else "decoder" if args.decoder else current["kind"]
+    if current["kind"] != wanted:  # entering a phase: its own optimiser and schedule from this step
+        current = {"kind": wanted, "from": start}
+        if wanted == "decoder":  # a fresh decoder on the trained vision side
+            fresh = embedded.build_model(seed=args.seed + 1).state_dict()
+            model.load_state_dict({k: v for k, v in fresh.items() if is_decoder(k)}, strict=False)
+    if current["kind"] == "joint":
         params = list(model.parameters()) + list(heads.parameters())
+    else:
+        for name, p in model.named_parameters():
+            p.requires_grad_(is_decoder(name) == (current["kind"] == "decoder"))
+        params = [p for p in model.parameters() if p.requires_grad]
+        params += list(heads.parameters()) if current["kind"] == "vision" else []
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    origin = decoder_from or 0  # the schedule starts again with the decoder phase
+    origin = current["from"]  # each phase has its own warm-up and decay
 
     def rate(step: int) -> float:
         if step < args.warmup:
@@ -221,7 +257,7 @@ def main(argv=None) -> None:
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     log, phases = (state["log"], state.get("phases", [])) if state else ([], [])
-    if state and (decoder_from is None or state.get("decoder_from") is not None):  # same optimiser as the checkpoint
+    if state and checkpoint_phase(state) == current:  # same optimiser as the checkpoint
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
     settings = {k: str(v) for k, v in vars(args).items() if k not in ("out", "resume")}
@@ -238,23 +274,25 @@ def main(argv=None) -> None:
             s.question, s.answer, s.kind = "describe the scene ?", shapes.describe(s.scene), "describe"
         captions = round(args.captions * args.batch)
         extra = [[] if i < captions else more_questions(s, args.questions - 1) for i, s in enumerate(samples)]
-        loss, aux, _ = forward(model, heads, batch(samples, vocab, extra))
+        loss, aux, _ = forward(model, heads, batch(samples, vocab, extra), decoder=current["kind"] != "vision")
         optimizer.zero_grad(set_to_none=True)
-        (loss if decoder_from is not None else loss + args.aux * aux).backward()
+        kind = current["kind"]
+        (aux if kind == "vision" else loss if kind == "decoder" else loss + args.aux * aux).backward()
         nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", aux=f"{aux.item():.3f}")
+        answers = None if loss is None else loss.item()  # the vision phase has no answer loss
+        bar.set_postfix(loss="-" if answers is None else f"{answers:.3f}", aux=f"{aux.item():.3f}")
         stopping = args.stop is not None and step + 1 >= args.stop
         if stopping:
             phases[-1]["stopped_at"] = step + 1
         if (step + 1) % args.every == 0 or step + 1 == args.steps or stopping:
             scores = evaluate(model, heads, validation, vocab)
-            log.append({"step": step + 1, "loss": loss.item(), "seconds": time.time() - began, **scores})
+            log.append({"step": step + 1, "loss": answers, "aux": aux.item(), "seconds": time.time() - began, **scores})
             bar.write(f"step {step + 1}: " + " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
             state = dict(model=model.state_dict(), heads=heads.state_dict(), optimizer=optimizer.state_dict())
             state.update(schedule=schedule.state_dict(), step=step + 1, log=log, phases=phases)
-            state.update(decoder_from=decoder_from)
+            state.update(phase=current)
             torch.save(state, checkpoint)
         if stopping:
             break
