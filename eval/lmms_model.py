@@ -6,7 +6,9 @@ Why one wrapper of our own rather than lmms-eval's per-family HF wrappers: those
 assert batch size 1, accept only the stock attention implementations, and log and swallow generation errors (a
 pruning bug would read as accuracy 0). The prompt formatting is theirs all the same: the processor's own chat
 template around lmms-eval's context, with one image entry per visual, which is what ``llava_hf``, ``qwen2_5_vl`` and
-the chat ``huggingface`` wrapper build. The embedded shapes model ships a chat template of its own for this.
+the chat ``huggingface`` wrapper build; a video visual (a file path, as video tasks give them) is read with
+:func:`vlprune.video.load_video` (``max_frames_num`` frames) and gets a video entry. The embedded shapes model ships a
+chat template of its own for this.
 
 It is a *simple* model (``is_simple``): lmms-eval gives it the formatted context string and a ``doc_to_visual``
 callable, so generation and loglikelihood / multiple-choice tasks both work. Under ``accelerate launch`` each
@@ -15,8 +17,10 @@ process loads the model on its own device and lmms-eval shards the requests by r
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import numpy as np
 import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
@@ -25,6 +29,7 @@ from tqdm.auto import tqdm
 from ..api import wrap
 from ..cli import fitted, load
 from ..registry import list_methods
+from ..video import DEFAULT_FRAMES
 
 MODEL_ARGS = (
     "pretrained",
@@ -38,6 +43,7 @@ MODEL_ARGS = (
     "dtype",
     "attn_implementation",
     "max_new_tokens",
+    "max_frames_num",
 )
 
 
@@ -73,6 +79,10 @@ class VLPrune(lmms):
         ``sdpa`` (default), ``eager`` or ``flash_attention_2``.
     max_new_tokens : int
         Default generation length when a task does not set one (32).
+    max_frames_num : int
+        Frames read from a video visual (a file path, as lmms-eval's video tasks give them), evenly spaced, with
+        :func:`vlprune.video.load_video` (default 32, LLaVA-OneVision's setting; needs ``vlprune[video]`` and a model
+        that takes videos).
     Any other key is a hyper-parameter of ``method`` and is checked by :func:`vlprune.wrap`.
     """
 
@@ -91,6 +101,7 @@ class VLPrune(lmms):
         dtype: str = "auto",
         attn_implementation: str = "sdpa",
         max_new_tokens: int = 32,
+        max_frames_num: int = DEFAULT_FRAMES,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
         device: str | None = None,
@@ -112,6 +123,8 @@ class VLPrune(lmms):
             raise ValueError(message) from None
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+        if not isinstance(max_frames_num, int) or max_frames_num < 1:
+            raise ValueError(f"max_frames_num={max_frames_num!r} must be a positive integer")
         from accelerate import PartialState
 
         state = PartialState()
@@ -120,6 +133,7 @@ class VLPrune(lmms):
             device = str(state.device)
         self._device = torch.device(device)
         loaded = load(pretrained, dtype=dtypes[dtype], attn_implementation=attn_implementation)
+        self.loaded, self.max_frames_num = loaded, max_frames_num
         self.model, self.processor, self.is_embedded = (
             loaded.model.to(self._device),
             loaded.processor,
@@ -152,19 +166,26 @@ class VLPrune(lmms):
         return self.batch_size_per_gpu
 
     def prompt(self, context: str, visuals: list) -> str:
-        """``context`` in the processor's chat template, after one image entry per visual."""
-        content = [{"type": "image"} for _ in visuals] + [{"type": "text", "text": context}]
-        messages = [{"role": "user", "content": content}]
+        """``context`` in the processor's chat template, after one image (or video: an array of frames) entry per
+        visual."""
+        content = [{"type": "video" if _is_video(v) else "image"} for v in visuals]
+        messages = [{"role": "user", "content": [*content, {"type": "text", "text": context}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
     def inputs(self, contexts: list[str], visuals: list[list]) -> dict:
         """Processor outputs of a left-padded batch, on the model's device."""
         tokenizer = self.processor.tokenizer
+        flat = [v for per_doc in visuals for v in per_doc]
+        videos = [v for v in flat if _is_video(v)] or None
+        if videos and not self.loaded.takes_videos:
+            self.loaded.inputs(None, "", video=videos[0])  # raises the CLI's error naming the families that do
+        media = {"images": [v for v in flat if not _is_video(v)] or None}
+        if videos:
+            media["videos"] = videos
         side, tokenizer.padding_side = tokenizer.padding_side, "left"
         try:
             text = [self.prompt(c, v) for c, v in zip(contexts, visuals, strict=True)]
-            images = [im for v in visuals for im in v] or None
-            batch = self.processor(images=images, text=text, return_tensors="pt", padding=True)
+            batch = self.processor(text=text, return_tensors="pt", padding=True, **media)
         finally:
             tokenizer.padding_side = side
         return {k: (v.to(self._device) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -262,11 +283,25 @@ class VLPrune(lmms):
         raise NotImplementedError("vlprune's lmms-eval model does not run multi-round generation tasks yet")
 
     def _visuals(self, doc_to_visual, task, split, doc_id) -> list:
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
-        for v in visuals:
-            if not hasattr(v, "size") or isinstance(v, (str, dict)):
-                raise TypeError(f"{task} doc {doc_id}: vlprune's lmms-eval model takes images, got {type(v).__name__}")
-        return [v.convert("RGB") for v in visuals]
+        """The doc's visuals: PIL images as RGB, and video file paths read as (T, H, W, 3) frames."""
+        out = []
+        for v in doc_to_visual(self.task_dict[task][split][doc_id]) or []:
+            if isinstance(v, (str, os.PathLike)):
+                from ..video import load_video
+
+                out.append(load_video(v, num_frames=self.max_frames_num).frames)
+            elif hasattr(v, "convert") and hasattr(v, "size"):
+                out.append(v.convert("RGB"))
+            else:
+                raise TypeError(
+                    f"{task} doc {doc_id}: vlprune's lmms-eval model takes PIL images and video file paths, got "
+                    f"{type(v).__name__}"
+                )
+        return out
+
+
+def _is_video(visual) -> bool:
+    return isinstance(visual, np.ndarray) and visual.ndim == 4
 
 
 def _passed_through(pair: tuple[float, bool]):

@@ -197,3 +197,38 @@ def test_demo_runs_methods_on_a_video(checkpoint, video):
     assert components["video"]["visible"] and components["frames"]["visible"]
     choices = [c[0] if isinstance(c, (list, tuple)) else c for c in components["methods"]["choices"]]
     assert {"dycoke", "holitom", "uniform"} <= set(choices)
+
+
+def test_lmms_eval_model_answers_video_docs_as_the_cli_does(checkpoint, video, capsys):
+    """A video task's visual is a file path: the lmms-eval model reads ``max_frames_num`` frames and answers as
+    ``vlprune run --video`` does with the same method and budget."""
+    from lmms_eval.api.instance import Instance
+
+    from vlprune.eval.lmms_model import VLPrune
+    from vlprune.video import load_video
+
+    lm = VLPrune(pretrained=checkpoint, method="dycoke", keep=12, max_frames_num=FRAMES, max_new_tokens=3)
+    lm.task_dict = {"clips": {"test": [{"video": video}, {"video": video}]}}
+    requests = [
+        Instance(
+            "generate_until",
+            ("what moves ?", {"until": []}, lambda doc: [doc["video"]], doc_id, "clips", "test"),
+            idx=0,
+            metadata={"task": "clips", "doc_id": doc_id, "repeats": 1},
+        )
+        for doc_id in (0, 1)
+    ]
+    answers = lm.generate_until(requests)
+    plan = lm.pruned.plans[-1]
+    assert plan.kept_per_sample == [12] and plan.grids == [[(FRAMES, 2, 2)]]
+    loaded = cli.load(checkpoint)
+    frames = load_video(video, num_frames=FRAMES).frames
+    expected = cli.compare(loaded, None, "what moves ?", ["dycoke"], {"keep": 12}, max_new_tokens=3, video=frames)
+    assert answers == [expected[1].answer] * 2
+    lm.clean()
+    embedded_lm = VLPrune(method="uniform", keep=8, max_frames_num=4)
+    embedded_lm.task_dict = lm.task_dict
+    with pytest.raises(ValueError, match="takes images only"):
+        embedded_lm.generate_until(requests[:1])
+    with pytest.raises(ValueError, match="max_frames_num=0 must be a positive integer"):
+        VLPrune(max_frames_num=0)
