@@ -11,62 +11,15 @@ from test_video import moving_square, write_video
 
 from vlprune import cli
 
-from families import VIDEO, LlavaOnevisionVideo
-from tiny import IMAGE, VOCAB
+from families import VIDEO
+from tiny import save_tiny_onevision
 
 FRAMES, PER_FRAME = 8, 4
-WORDS = "what moves in the video ? answer :".split()
-TEMPLATE = (
-    "{% for message in messages %}{% for part in message['content'] %}{% if part['type'] == 'video' %}<video> "
-    "{% elif part['type'] == 'image' %}<image> {% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endfor %}"
-    "{% if add_generation_prompt %} answer :{% endif %}"
-)
-
-
-def tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": IMAGE, "<video>": VIDEO}
-    for word in WORDS:
-        vocab[word] = len(vocab) - 2
-    for i in range(VOCAB):  # every id the random model can emit decodes to a word
-        if i not in vocab.values():
-            vocab[f"w{i}"] = i
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    core.decoder = decoders.WordPiece(prefix="##")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
-    )
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A saved tiny LLaVA-OneVision (2 decoder layers) and its processor."""
-    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
-
-    folder = tmp_path_factory.mktemp("tiny-onevision")
-    model = LlavaOnevisionVideo().build(layers=2)
-    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 2
-    model.save_pretrained(folder)
-    side = {"height": 56, "width": 56}
-    processor = LlavaOnevisionProcessor(
-        image_processor=LlavaOnevisionImageProcessor(size=side, image_grid_pinpoints=[[56, 56]]),
-        video_processor=LlavaOnevisionVideoProcessor(size=side),
-        tokenizer=tokenizer(),
-        num_image_tokens=16,
-        vision_feature_select_strategy="full",
-        chat_template=TEMPLATE,
-    )
-    processor.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_onevision(tmp_path_factory.mktemp("tiny-onevision"))
 
 
 @pytest.fixture(scope="module")

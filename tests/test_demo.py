@@ -34,23 +34,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_demo_in_headless_chromium(tmp_path):
+def browser_for(tmp_path):
+    """A headless Chromium driven by Selenium, or a skip (a failure under ``VLPRUNE_REQUIRE_BROWSER=1``)."""
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     need(chromium is not None and driver_path is not None, "Debian's chromium / chromium-driver")
     try:
         import gradio  # noqa: F401
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.support import expected_conditions
-        from selenium.webdriver.support.ui import WebDriverWait
     except ImportError as error:
         need(False, f"the demo's Python packages ({error.name})")
-    from vlprune import demo
-
-    example = json.loads((embedded.default_path().parent / "examples" / "examples.json").read_text())[0]
-    port = free_port()
-    app = demo.launch(port=port, block=False)
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in (
@@ -66,27 +59,58 @@ def test_demo_in_headless_chromium(tmp_path):
         f"--user-data-dir={tmp_path / 'profile'}",
     ):
         options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(driver_path), options=options)
+    return webdriver.Chrome(service=Service(driver_path), options=options)
+
+
+def pick_methods(browser, names) -> None:
+    from selenium.webdriver.common.by import By
+
+    for box in browser.find_elements(By.CSS_SELECTOR, "#methods input[type=checkbox]"):
+        if box.is_selected() != (box.get_attribute("name") in names):
+            box.find_element(By.XPATH, "..").click()
+
+
+def result_rows(browser, count: int) -> list[list[str]]:
+    """The results table's rows (five cells each), from the unpruned one on."""
+    from selenium.webdriver.common.by import By
+
+    cells = browser.find_element(By.ID, "results").text.split()  # header, then each row's five cells
+    start = cells.index("unpruned")
+    return [cells[i : i + 5] for i in range(start, start + 5 * count, 5)]
+
+
+def artifact(browser, tmp_path, name: str) -> Path:
+    artifacts = Path(os.environ.get("VLPRUNE_ARTIFACTS", tmp_path))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(artifacts / name))
+    return artifacts / name
+
+
+def test_demo_in_headless_chromium(tmp_path):
+    browser = browser_for(tmp_path)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from vlprune import demo
+
+    example = json.loads((embedded.default_path().parent / "examples" / "examples.json").read_text())[0]
+    port = free_port()
+    app = demo.launch(port=port, block=False)
     try:
         browser.get(f"http://127.0.0.1:{port}/")
         wait = WebDriverWait(browser, 60)
         wait.until(expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, "#examples td"))).click()
         question = browser.find_element(By.CSS_SELECTOR, "#question textarea")
         wait.until(lambda _: question.get_attribute("value") == example["question"])
-        for box in browser.find_elements(By.CSS_SELECTOR, "#methods input[type=checkbox]"):
-            if box.is_selected() != (box.get_attribute("name") in ("fastv", "fastervlm")):
-                box.find_element(By.XPATH, "..").click()
+        pick_methods(browser, ("fastv", "fastervlm"))
         browser.find_element(By.ID, "run").click()
         wait.until(lambda b: "fastervlm" in b.find_element(By.ID, "results").text)
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) >= 3)
         time.sleep(0.5)
-        cells = browser.find_element(By.ID, "results").text.split()  # header, then each row's five cells
-        start = cells.index("unpruned")
-        rows = [cells[i : i + 5] for i in range(start, start + 15, 5)]
+        rows = result_rows(browser, 3)
         captions = browser.find_element(By.ID, "gallery").text
-        artifacts = Path(os.environ.get("VLPRUNE_ARTIFACTS", tmp_path))
-        artifacts.mkdir(parents=True, exist_ok=True)
-        browser.save_screenshot(str(artifacts / "demo.png"))
+        shot = artifact(browser, tmp_path, "demo.png")
     finally:
         browser.quit()
         app.close()
@@ -95,4 +119,43 @@ def test_demo_in_headless_chromium(tmp_path):
     assert [r[2] for r in rows] == ["144/144", "36/144", "36/144"], rows
     assert all(r[1] in embedded.build_tokenizer().get_vocab() for r in rows), rows  # an answer in each row
     assert all(f"{m}:" in captions for m in ("unpruned", "fastv", "fastervlm")), captions  # one overlay each
-    assert (artifacts / "demo.png").stat().st_size > 10_000
+    assert shot.stat().st_size > 10_000
+
+
+def test_demo_takes_a_video_in_headless_chromium(tmp_path):
+    """On a model that takes videos (a tiny random LLaVA-OneVision saved with its processor), a video uploaded in the
+    browser is answered by the unpruned model and two temporal and image methods, each with its frames' overlay."""
+    browser = browser_for(tmp_path)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from test_video import moving_square, write_video
+
+    from vlprune import demo
+
+    from tiny import save_tiny_onevision
+
+    checkpoint = save_tiny_onevision(tmp_path / "model")
+    clip = write_video(tmp_path / "clip.webm", moving_square(20), codec="libvpx-vp9")  # Chromium plays VP9
+    port = free_port()
+    app = demo.launch(model=checkpoint, port=port, block=False)
+    try:
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#video input[type=file]"))
+        browser.find_element(By.CSS_SELECTOR, "#video input[type=file]").send_keys(clip)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#video video"))
+        browser.find_element(By.CSS_SELECTOR, "#question textarea").send_keys("what moves ?")
+        pick_methods(browser, ("dycoke", "uniform"))
+        browser.find_element(By.ID, "run").click()
+        wait.until(lambda b: "dycoke" in b.find_element(By.ID, "results").text)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) >= 3)
+        time.sleep(0.5)
+        rows = result_rows(browser, 3)
+        captions = browser.find_element(By.ID, "gallery").text
+        artifact(browser, tmp_path, "demo-video.png")
+    finally:
+        browser.quit()
+        app.close()
+    assert [r[0] for r in rows] == ["unpruned", "uniform", "dycoke"], rows  # in the list's order
+    assert [r[2] for r in rows] == ["65/65", "36/64", "36/64"], rows  # 16 frames x 4 tokens (+ the newline)
+    assert all(f"{m}:" in captions for m in ("unpruned", "dycoke", "uniform")), captions

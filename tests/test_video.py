@@ -13,10 +13,11 @@ from vlprune.video import DEFAULT_FRAMES, frame_indices, load_video
 WIDTH, HEIGHT, FPS = 64, 48, 10
 
 
-def write_video(path, frames: np.ndarray, fps: int = FPS) -> str:
-    """(T, H, W, 3) uint8 frames -> an MPEG-4 file."""
+def write_video(path, frames: np.ndarray, fps: int = FPS, codec: str = "mpeg4") -> str:
+    """(T, H, W, 3) uint8 frames -> a video file (MPEG-4 part 2; ``codec="libvpx-vp9"`` and a ``.webm`` path for
+    what a browser plays)."""
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
+        stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.bit_rate = 4_000_000
         for frame in frames:

@@ -83,3 +83,58 @@ def batch(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         ids[i, length - len(p) :] = torch.tensor(p)
         mask[i, length - len(p) :] = 1
     return ids, mask
+
+
+VIDEO_TEMPLATE = (
+    "{% for message in messages %}{% for part in message['content'] %}{% if part['type'] == 'video' %}<video> "
+    "{% elif part['type'] == 'image' %}<image> {% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %} answer :{% endif %}"
+)
+
+
+def word_tokenizer(words: list[str], image: int = IMAGE, video: int = 101):
+    """A word-level fast tokenizer over ``words`` with ``<image>`` / ``<video>`` at the tiny configs' ids, every
+    other id of the tiny vocabulary a filler word (so whatever a random model emits decodes)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": image, "<video>": video}
+    free = (i for i in range(VOCAB) if i not in vocab.values())
+    for word in words:
+        vocab[word] = next(free)
+    for i in free:
+        vocab[f"w{i}"] = i
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    core.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+    )
+
+
+def save_tiny_onevision(folder) -> str:
+    """Save a tiny random LLaVA-OneVision (2 decoder layers) with a real ``LlavaOnevisionProcessor`` (frames resized
+    to 56 px: 4 x 4 patches pooled to 2 x 2 = 4 tokens per frame, then one newline per video) in ``folder``."""
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    from families import LlavaOnevisionVideo
+
+    model = LlavaOnevisionVideo().build(layers=2)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = PAD, 2
+    model.save_pretrained(folder)
+    side = {"height": 56, "width": 56}
+    LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=side, image_grid_pinpoints=[[56, 56]]),
+        video_processor=LlavaOnevisionVideoProcessor(size=side),
+        tokenizer=word_tokenizer("what moves in the video ? answer :".split()),
+        num_image_tokens=16,
+        vision_feature_select_strategy="full",
+        chat_template=VIDEO_TEMPLATE,
+    ).save_pretrained(folder)
+    return str(folder)

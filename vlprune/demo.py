@@ -89,7 +89,9 @@ def build(model: str | None = None):
                 chosen = gr.CheckboxGroup(
                     methods, value=[m for m in DEFAULT if m in methods], label="methods", elem_id="methods"
                 )
-                keep = gr.Slider(1, 576, value=36, step=1, label="visual tokens kept per image", elem_id="keep")
+                keep = gr.Slider(
+                    1, 576, value=36, step=1, label="visual tokens kept per image (or video)", elem_id="keep"
+                )
                 button = gr.Button("Run", variant="primary", elem_id="run")
                 if loaded.is_embedded:
                     gr.Examples(examples(), [image, question], elem_id="examples")
