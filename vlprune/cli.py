@@ -1,6 +1,6 @@
-"""The ``vlprune`` command: ``run`` (answer a question about an image with several methods side by side), ``methods``
-and ``models`` (the registries), ``bench`` (the shapes quality table, or a grid through lmms-eval), ``tasks``
-(the offline lmms-eval tasks) and ``demo`` (the Gradio app).
+"""The ``vlprune`` command: ``run`` (answer a question about an image or a video with several methods side by side),
+``methods`` and ``models`` (the registries), ``bench`` (the shapes quality table, or a grid through lmms-eval),
+``tasks`` (the offline lmms-eval tasks) and ``demo`` (the Gradio app).
 
 Every command runs on the embedded model (:mod:`vlprune.embedded`) unless ``--model`` names another checkpoint.
 """
@@ -35,18 +35,17 @@ class Loaded:
 
     @property
     def takes_videos(self) -> bool:
-        """Whether vlprune prunes this model's video inputs (its adapter provides the ``frames`` signal)."""
-        return adapter_class(self.model.config.model_type).signals.get("frames") == "yes"
+        """Whether vlprune prunes this model's video inputs."""
+        return self.model.config.model_type in video_models()
 
     def inputs(self, image, question: str, video=None) -> dict:
         """Processor outputs for ``question`` about a PIL ``image``, or about ``video`` (a (T, H, W, 3) uint8 array
         of frames) when it is given."""
         if video is not None:
             if not self.takes_videos:
-                video_models = [m for m in list_models() if adapter_class(m).signals.get("frames") == "yes"]
                 raise ValueError(
                     f"{self.name} ({self.model.config.model_type}) takes images only; for a video, pass --model with "
-                    f"a checkpoint of {video_models}"
+                    f"a checkpoint of {video_models()}"
                 )
             media, kind = {"videos": [video]}, "video"
         else:
@@ -59,6 +58,11 @@ class Loaded:
 
     def decode(self, ids: torch.Tensor) -> str:
         return self.processor.decode(ids, skip_special_tokens=True).strip()
+
+
+def video_models() -> list[str]:
+    """The model families whose video inputs vlprune prunes (their adapters provide the ``frames`` signal)."""
+    return [m for m in list_models() if adapter_class(m).signals.get("frames") == "yes"]
 
 
 def load(model: str | None, dtype="auto", attn_implementation: str = "sdpa") -> Loaded:
