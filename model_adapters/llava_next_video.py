@@ -18,11 +18,11 @@ from ..hooks import HookSet
 from ..registry import register_adapter
 from ..signals import SIGNALS, SignalRequest
 from .base import Adapter
-from .llava_next import TILE_LEVEL, LlavaNextAdapter
+from .llava_next import TILE_LEVEL, LlavaNextAdapter, PooledVideos
 
 
 @register_adapter("llava_next_video")
-class LlavaNextVideoAdapter(LlavaNextAdapter):
+class LlavaNextVideoAdapter(PooledVideos, LlavaNextAdapter):
     """Signals: as LLaVA-NeXT for images; ``features``, ``grid``, ``frames`` and every decoder-side signal for
     videos."""
 
@@ -34,19 +34,6 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
     # --- tokens ------------------------------------------------------------------------------------------------
     def visual_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
         return self.images_or_videos(input_ids, inputs_embeds, self.model.config.video_token_id)
-
-    def image_sizes(self, store: dict) -> list[int] | None:
-        if "videos" in store:
-            return [frames * store["frame_tokens"] for frames in store["videos"]]
-        return super().image_sizes(store)
-
-    def grid_of(self, store: dict, image: int, count: int) -> tuple[int, int] | None:
-        if "videos" in store:
-            return self.image_grid(store["frame_tokens"])
-        return super().grid_of(store, image, count)
-
-    def frames_of(self, store: dict, image: int) -> int:
-        return store["videos"][image] if "videos" in store else 1
 
     def layouts(self, visual: torch.Tensor, store: dict) -> list:
         if "videos" in store:  # no newlines, no tiles

@@ -24,13 +24,13 @@ from ..registry import register_adapter
 from ..schedule import SampleLayout
 from ..signals import SIGNALS, SignalRequest
 from .base import Adapter
-from .llava_next import LlavaNextAdapter
+from .llava_next import LlavaNextAdapter, PooledVideos
 
 PER_PATCH = ("cls_attention", "vision_hidden", "vision_keys", "vision_qkv", "projector")
 
 
 @register_adapter("llava_onevision")
-class LlavaOnevisionAdapter(LlavaNextAdapter):
+class LlavaOnevisionAdapter(PooledVideos, LlavaNextAdapter):
     """Signals: ``features`` (packed, newlines excluded; pooled per frame for videos), every decoder-side signal,
     ``grid`` (single-tile images; each frame of a video), ``frames`` and ``received_attention`` (videos). No
     [CLS]."""
@@ -38,6 +38,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     model_type = "llava_onevision"
     summary = "LLaVA-OneVision: SigLIP tower without [CLS], anyres_max_9 tiles, pooled video frames, Qwen2 decoder"
     signals = {name: "yes" for name in SIGNALS if name not in PER_PATCH}
+    video_newline = 1  # one newline placeholder after each video
 
     def why_not(self, signals: list[str]) -> str:
         return (
@@ -48,19 +49,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     # --- tokens ------------------------------------------------------------------------------------------------
     def visual_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
         return self.images_or_videos(input_ids, inputs_embeds, self.model.config.video_token_id)
-
-    def image_sizes(self, store: dict) -> list[int] | None:
-        if "videos" in store:
-            return [frames * store["frame_tokens"] + 1 for frames in store["videos"]]  # + the video's newline
-        return super().image_sizes(store)
-
-    def grid_of(self, store: dict, image: int, count: int) -> tuple[int, int] | None:
-        if "videos" in store:
-            return self.image_grid(store["frame_tokens"])
-        return super().grid_of(store, image, count)
-
-    def frames_of(self, store: dict, image: int) -> int:
-        return store["videos"][image] if "videos" in store else 1
 
     def layouts(self, visual: torch.Tensor, store: dict) -> list:
         if "videos" not in store:

@@ -399,11 +399,12 @@ class LlavaOnevision(LlavaNext):
         return one
 
 
-class LlavaOnevisionVideo(LlavaOnevision):
-    """Videos: each ``size`` is a frame count (equal within a batch: one (videos, frames, 3, 56, 56) tensor); 56 px
-    frames give 4 x 4 patches, pooled to 2 x 2 = 4 tokens per frame, then one newline per video."""
+class PooledFrames:
+    """Videos of the LLaVA families: each ``size`` is a frame count (equal within a batch: one (videos, frames, 3, 56,
+    56) tensor); 56 px frames give 4 x 4 patches, pooled to 2 x 2 = 4 tokens per frame, then ``newline`` (0 or 1)
+    placeholders per video that are not visual tokens."""
 
-    per_frame = 4
+    per_frame, newline = 4, 0
 
     def inputs(self, model, shapes, seed=0) -> dict:
         prompts, frames = [], [size for shape in shapes for size in shape[2]]
@@ -411,7 +412,7 @@ class LlavaOnevisionVideo(LlavaOnevision):
             g = torch.Generator().manual_seed(seed + i)
             ids = [1] + _text(g, before)
             for size in sizes:
-                ids += [VIDEO] * (size * self.per_frame + 1) + _text(g, after)
+                ids += [VIDEO] * (size * self.per_frame + self.newline) + _text(g, after)
             prompts.append(ids)
         ids, mask = batch(prompts)
         g = torch.Generator().manual_seed(1000 + seed)
@@ -426,8 +427,9 @@ class LlavaOnevisionVideo(LlavaOnevision):
 
     def visual_tokens(self, model, inputs, shapes):
         visual = inputs["input_ids"] == VIDEO
-        ends = visual & ~torch.cat([visual[:, 1:], torch.zeros_like(visual[:, :1])], 1)  # each video's last: newline
-        return visual & ~ends, [[self.tokens(s) for s in shape[2]] for shape in shapes]
+        if self.newline:  # each video's last placeholder
+            visual &= torch.cat([visual[:, 1:], torch.zeros_like(visual[:, :1])], 1)
+        return visual, [[self.tokens(s) for s in shape[2]] for shape in shapes]
 
     def tokens(self, size) -> int:
         return size * self.per_frame
@@ -442,45 +444,14 @@ class LlavaOnevisionVideo(LlavaOnevision):
         return one
 
 
-class LlavaNextVideoVideo(LlavaNextVideo):
-    """Videos: each ``size`` is a frame count (equal within a batch); 56 px frames give 4 x 4 patches, pooled 2 x 2
-    to 4 tokens per frame, no newline."""
+class LlavaOnevisionVideo(PooledFrames, LlavaOnevision):
+    """LLaVA-OneVision videos: one newline after each video."""
 
-    per_frame = 4
+    newline = 1
 
-    def inputs(self, model, shapes, seed=0) -> dict:
-        prompts, frames = [], [size for shape in shapes for size in shape[2]]
-        for i, (before, after, sizes) in enumerate(shapes):
-            g = torch.Generator().manual_seed(seed + i)
-            ids = [1] + _text(g, before)
-            for size in sizes:
-                ids += [VIDEO] * (size * self.per_frame) + _text(g, after)
-            prompts.append(ids)
-        ids, mask = batch(prompts)
-        g = torch.Generator().manual_seed(1000 + seed)
-        pixels = torch.randn(len(frames), max(frames), 3, 56, 56, generator=g)
-        return dict(input_ids=ids, attention_mask=mask, pixel_values_videos=pixels)
 
-    def pixels(self, inputs) -> torch.Tensor:
-        return inputs["pixel_values_videos"]
-
-    def image_kwargs(self, inputs) -> dict:
-        return {"videos": True}
-
-    def visual_tokens(self, model, inputs, shapes):
-        return inputs["input_ids"] == VIDEO, [[self.tokens(s) for s in shape[2]] for shape in shapes]
-
-    def tokens(self, size) -> int:
-        return size * self.per_frame
-
-    def frames(self, size) -> tuple[int, int]:
-        return size, self.per_frame
-
-    def split(self, inputs, shapes, b: int) -> dict:
-        first = sum(len(s[2]) for s in shapes[:b])
-        one = self._one(inputs, b)
-        one["pixel_values_videos"] = inputs["pixel_values_videos"][first : first + len(shapes[b][2])]
-        return one
+class LlavaNextVideoVideo(PooledFrames, LlavaNextVideo):
+    """LLaVA-NeXT-Video videos: no newline."""
 
 
 class Qwen3VLVideo(QwenVideo, Qwen3VL):

@@ -62,21 +62,22 @@ def browser_for(tmp_path):
     return webdriver.Chrome(service=Service(driver_path), options=options)
 
 
-def pick_methods(browser, names) -> None:
+def run_methods(browser, wait, names: tuple[str, str]) -> tuple[list[list[str]], str]:
+    """Tick exactly the two methods ``names``, press Run, and return the results table's three rows (five cells
+    each, the unpruned one first) and the gallery's captions once both methods' overlays are there."""
     from selenium.webdriver.common.by import By
 
     for box in browser.find_elements(By.CSS_SELECTOR, "#methods input[type=checkbox]"):
         if box.is_selected() != (box.get_attribute("name") in names):
             box.find_element(By.XPATH, "..").click()
-
-
-def result_rows(browser, count: int) -> list[list[str]]:
-    """The results table's rows (five cells each), from the unpruned one on."""
-    from selenium.webdriver.common.by import By
-
+    browser.find_element(By.ID, "run").click()
+    wait.until(lambda b: all(name in b.find_element(By.ID, "results").text for name in names))
+    wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) >= 3)
+    time.sleep(0.5)
     cells = browser.find_element(By.ID, "results").text.split()  # header, then each row's five cells
     start = cells.index("unpruned")
-    return [cells[i : i + 5] for i in range(start, start + 5 * count, 5)]
+    rows = [cells[i : i + 5] for i in range(start, start + 15, 5)]
+    return rows, browser.find_element(By.ID, "gallery").text
 
 
 def artifact(browser, tmp_path, name: str) -> Path:
@@ -103,13 +104,7 @@ def test_demo_in_headless_chromium(tmp_path):
         wait.until(expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, "#examples td"))).click()
         question = browser.find_element(By.CSS_SELECTOR, "#question textarea")
         wait.until(lambda _: question.get_attribute("value") == example["question"])
-        pick_methods(browser, ("fastv", "fastervlm"))
-        browser.find_element(By.ID, "run").click()
-        wait.until(lambda b: "fastervlm" in b.find_element(By.ID, "results").text)
-        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) >= 3)
-        time.sleep(0.5)
-        rows = result_rows(browser, 3)
-        captions = browser.find_element(By.ID, "gallery").text
+        rows, captions = run_methods(browser, wait, ("fastv", "fastervlm"))
         shot = artifact(browser, tmp_path, "demo.png")
     finally:
         browser.quit()
@@ -145,13 +140,7 @@ def test_demo_takes_a_video_in_headless_chromium(tmp_path):
         browser.find_element(By.CSS_SELECTOR, "#video input[type=file]").send_keys(clip)
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#video video"))
         browser.find_element(By.CSS_SELECTOR, "#question textarea").send_keys("what moves ?")
-        pick_methods(browser, ("dycoke", "uniform"))
-        browser.find_element(By.ID, "run").click()
-        wait.until(lambda b: "dycoke" in b.find_element(By.ID, "results").text)
-        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) >= 3)
-        time.sleep(0.5)
-        rows = result_rows(browser, 3)
-        captions = browser.find_element(By.ID, "gallery").text
+        rows, captions = run_methods(browser, wait, ("dycoke", "uniform"))
         artifact(browser, tmp_path, "demo-video.png")
     finally:
         browser.quit()

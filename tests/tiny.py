@@ -93,10 +93,9 @@ VIDEO_TEMPLATE = (
 
 
 def word_tokenizer(words: list[str], image: int = IMAGE, video: int = 101):
-    """A word-level fast tokenizer over ``words`` with ``<image>`` / ``<video>`` at the tiny configs' ids, every
-    other id of the tiny vocabulary a filler word (so whatever a random model emits decodes)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    """A word-level tokenizer over ``words`` with ``<image>`` / ``<video>`` at the tiny configs' ids, every other id
+    of the tiny vocabulary a filler word (so whatever a random model emits decodes)."""
+    from vlprune.embedded import word_tokenizer
 
     vocab = {"<pad>": PAD, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": image, "<video>": video}
     free = (i for i in range(VOCAB) if i not in vocab.values())
@@ -104,18 +103,7 @@ def word_tokenizer(words: list[str], image: int = IMAGE, video: int = 101):
         vocab[word] = next(free)
     for i in free:
         vocab[f"w{i}"] = i
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    core.decoder = decoders.WordPiece(prefix="##")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
-    )
+    return word_tokenizer(vocab, {"image_token": "<image>", "video_token": "<video>"})
 
 
 def save_tiny_onevision(folder) -> str:

@@ -30,15 +30,21 @@ def default_path() -> Path:
 
 def build_tokenizer():
     """A word-level fast tokenizer over :func:`vlprune.shapes.vocabulary` (whitespace split, ``<s>`` prepended)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {w: i for i, w in enumerate(SPECIALS)}
     for word in shapes.vocabulary():
         vocab.setdefault(word, len(vocab))
+    return word_tokenizer(vocab, {"image_token": IMAGE_TOKEN})
+
+
+def word_tokenizer(vocab: dict[str, int], extra_special_tokens: dict[str, str]):
+    """A left-padding word-level fast tokenizer over ``vocab`` (which holds ``<pad> <s> </s> <unk>``): whitespace
+    split, ``<s>`` prepended, words joined by spaces when decoding."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
@@ -47,7 +53,7 @@ def build_tokenizer():
         unk_token="<unk>",
         pad_token="<pad>",
         padding_side="left",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens=extra_special_tokens,
     )
 
 
