@@ -75,9 +75,13 @@ def merges_of(plan: vlprune.KeepPlan, ids: torch.Tensor, image_token: int = 100)
     out = []
     for b, (into, weight) in enumerate(zip(plan.merged_into, plan.merge_weight, strict=True)):
         visual = plan.visual_rows[b] if plan.visual_rows is not None else torch.nonzero(ids[b] == image_token).flatten()
+        pairs = plan.merge_pairs[b] if plan.merge_pairs is not None else None
+        if pairs is None:  # one target per token
+            used = torch.nonzero(into >= 0).flatten()
+            pairs = (used, into[used], weight[used])
         groups: dict[int, list] = {}
-        for v in torch.nonzero(into >= 0).flatten().tolist():
-            groups.setdefault(int(visual[into[v]]), []).append((int(visual[v]), float(weight[v])))
+        for v, target, w in zip(*(p.tolist() for p in pairs), strict=True):
+            groups.setdefault(int(visual[target]), []).append((int(visual[v]), float(w)))
         out.append(sorted(groups.items()))
     return out
 

@@ -213,3 +213,53 @@ def test_multi_stage_schedule_equals_reference(request, attn):
     real = torch.stack([torch.arange(logits.shape[1]) >= logits.shape[1] - len(k) for k in plans[1].keep_tokens])
     torch.testing.assert_close(logits[real], expected[real], rtol=1e-5, atol=1e-5)
     assert torch.equal(tokens, expected_tokens)
+
+
+def test_a_token_merged_into_several_kept_tokens(llava):
+    """The pair form of a Selection (``source``): a token may feed several kept tokens, as FastVID's merging does.
+    The outputs equal the hand-written loop with each target the weighted sum of its contributions; the plan lists
+    every contribution and names, per token, the target it weighs most in."""
+    from vlprune.registry import _SELECTORS, register_selector
+    from vlprune.selectors.base import Selection, Selector
+
+    from reference import merges_of
+
+    @register_selector("test_pairs")
+    class Pairs(Selector):  # keeps candidates 0 and 1; every other one goes into both, with weights 0.25 and 0.75
+        summary = "test only"
+
+        def select(self, view, keep):
+            n, rest = view.n, torch.arange(2, view.n)
+            source = torch.cat([torch.tensor([0, 1]), rest, rest])
+            into = torch.cat([torch.tensor([0, 1]), torch.zeros(n - 2, dtype=torch.long), torch.ones(n - 2).long()])
+            weight = torch.cat([torch.ones(2), torch.full((n - 2,), 0.25), torch.full((n - 2,), 0.75)])
+            return Selection(torch.tensor([0, 1]), into, weight, source)
+
+    try:
+        ids, mask, pv = inputs(llava, ((3, 4, 1), (1, 2, 2)))
+        with vlprune.wrap(llava, "test_pairs", keep=2) as pruned:
+            logits = run(llava, ids, mask, pv)
+            plan = pruned.plans[0]
+        n = plan.num_visual[0]
+        source, target, weight = plan.merge_pairs[0]
+        assert len(source) == 2 + 2 * (n - 2) and set(target.tolist()) == {0, 1}
+        assert plan.merged_into[0].tolist() == [0, 1] + [1] * (n - 2)  # the larger of each token's two weights
+        assert plan.merge_weight[0].tolist() == [1, 1] + [0.75] * (n - 2)
+        merges = merges_of(plan, ids)
+        assert [len(sources) for _, sources in merges[0]] == [n - 1, n - 1]
+        stages = [(0, plan.keep_tokens, merges)]
+        with torch.no_grad():
+            expected = layer_loop(llava, embed(llava, ids, pv), mask, original_positions(mask), stages)
+        real = torch.stack([torch.arange(logits.shape[1]) >= logits.shape[1] - len(k) for k in plan.keep_tokens])
+        torch.testing.assert_close(logits[real], expected[real], rtol=1e-5, atol=1e-5)
+        sources = torch.randn(5, 3)  # Selection.apply: the same sums
+        selection = Pairs().select(type("View", (), {"n": 5})(), 2)
+        applied = selection.apply(sources)
+        torch.testing.assert_close(applied[1], sources[1] + 0.75 * sources[2:].sum(0))
+        bad = Selection(torch.tensor([0, 1]), selection.into, selection.weight, selection.source + 5)
+        from vlprune.schedule import check_selection
+
+        with pytest.raises(RuntimeError, match="merge map that does not fit 5 sources"):
+            check_selection("test_pairs", bad, 5, 5, 2)
+    finally:
+        _SELECTORS.pop("test_pairs", None)

@@ -40,6 +40,10 @@ class KeepPlan:
     space : str
         Where the values were combined: ``"llm"`` (decoder hidden states before ``layer``) or ``"vision"`` (the
         projector's input; VisionZip's [CLS] token, not a placeholder, is then a further unlisted source).
+    merge_pairs : list, optional
+        Set when some token went into several kept tokens (``merged_into`` then names the one it weighs most in):
+        per sample, ``None`` or ``(source, target, weight)``, visual indices and weights of every contribution of the
+        stages' pair-form merges (:class:`vlprune.selectors.base.Selection` with ``source``).
     grids : list of list, optional
         Per sample, per image (in prompt order), its token grid ``(frames, h, w)``: ``frames`` is 1 for an image,
         the frame count (temporal patches on Qwen-VL) for a video; ``None`` for an image whose tokens form no single
@@ -57,6 +61,7 @@ class KeepPlan:
     space: str = "llm"
     visual_rows: list[torch.Tensor] | None = None
     grids: list[list[tuple[int, int, int] | None]] | None = None
+    merge_pairs: list | None = None
 
     @property
     def kept_per_sample(self) -> list[int]:

@@ -114,12 +114,17 @@ def check_selection(method: str, chosen, n: int, sources: int, k: int) -> Select
         raise RuntimeError(f"selector {method!r} returned {keep.numel()} indices for keep={k} of {n} tokens")
     if torch.unique(keep).numel() != keep.numel():
         raise RuntimeError(f"selector {method!r} returned duplicate indices")
-    into, weight = selection.into, selection.weight
+    into, weight, source = selection.into, selection.weight, selection.source
     if into is not None:
         into, weight = into.reshape(-1).long().cpu(), weight.reshape(-1).float().cpu()
-        if into.numel() != sources or weight.numel() != sources or bool((into >= k).any() or (into < -1).any()):
+        count = sources if source is None else source.numel()
+        bad = into.numel() != count or weight.numel() != count or bool((into >= k).any() or (into < -1).any())
+        if source is not None:
+            source = source.reshape(-1).long().cpu()
+            bad = bad or bool(source.numel() and (source.min() < 0 or source.max() >= sources))
+        if bad:
             raise RuntimeError(f"selector {method!r} returned a merge map that does not fit {sources} sources -> {k}")
-    return Selection(keep, into, weight)
+    return Selection(keep, into, weight, source)
 
 
 @dataclass
@@ -200,6 +205,7 @@ def decide(rs: ResolvedStage, inputs: StageInputs, layouts: list[SampleLayout]):
     wanted = {(r.name, r.layer) for r in rs.requests}  # a view carries only this stage's own signals
     decided = inputs.vision.get("decided") if rs.selector.space == "vision" else None
     keep_slots, merges, keep_visual, keep_tokens, image_of, merged_into, merge_weight = [], [], [], [], [], [], []
+    merge_pairs = []
     for b, layout in enumerate(layouts):
         row = inputs.rows[b].cpu()
         nvis = layout.positions.numel()
@@ -213,7 +219,7 @@ def decide(rs: ResolvedStage, inputs: StageInputs, layouts: list[SampleLayout]):
         text &= ~torch.isin(row, layout.fixed)
         into_b = torch.full((nvis,), -1, dtype=torch.long)
         weight_b = torch.zeros(nvis)
-        src, dst, wts = [], [], []
+        src, dst, wts, pairs_b = [], [], [], []
         units = []
         for j, image in enumerate(layout.images):
             in_image = slot_visual & (layout.image_of[slot_ordinal.clamp(min=0)] == j)
@@ -229,7 +235,9 @@ def decide(rs: ResolvedStage, inputs: StageInputs, layouts: list[SampleLayout]):
             if decided is not None:
                 chosen = decided[image]
                 k = int(chosen.keep.numel())
-                sources = int(chosen.into.numel()) if chosen.into is not None else slots.numel()
+                sources = slots.numel() if chosen.into is None else int(chosen.into.numel())
+                if chosen.source is not None:  # contributions, not sources: the [CLS] source is the only extra
+                    sources = max(slots.numel(), int(chosen.source.max()) + 1 if chosen.source.numel() else 0)
             else:
                 text_slots = torch.nonzero(text & (torch.arange(row.numel()) > slots.max())).flatten()
                 view = _view(inputs, layout, b, j, grid, slots, local, text_slots, wanted)
@@ -242,14 +250,23 @@ def decide(rs: ResolvedStage, inputs: StageInputs, layouts: list[SampleLayout]):
                 into_b[ordinals[selection.keep]] = ordinals[selection.keep]
                 weight_b[ordinals[selection.keep]] = 1.0
                 continue
-            into, weight = selection.into[: slots.numel()], selection.weight[: slots.numel()]
-            used = into >= 0
-            into_b[ordinals[used]] = ordinals[selection.keep[into[used]]]
-            weight_b[ordinals[used]] = weight[used]
+            source, into, weight = selection.pairs(int(sources))
+            candidate = source < slots.numel()  # not the [CLS] source of a vision-space stage
+            source, into, weight = source[candidate], into[candidate], weight[candidate]
+            # the plan names one target per token: a token feeding several, the one it weighs most in (first on ties)
+            order = torch.argsort(weight, descending=True, stable=True)
+            order = order[torch.argsort(source[order], stable=True)]
+            first = torch.ones(order.numel(), dtype=torch.bool)
+            first[1:] = source[order][1:] != source[order][:-1]
+            pick = order[first]
+            into_b[ordinals[source[pick]]] = ordinals[selection.keep[into[pick]]]
+            weight_b[ordinals[source[pick]]] = weight[pick]
+            if selection.source is not None:
+                pairs_b.append((ordinals[source], ordinals[selection.keep[into]], weight))
             if decided is None:
-                src.append(slots[used])
-                dst.append(slots[selection.keep[into[used]]])
-                wts.append(weight[used])
+                src.append(slots[source])
+                dst.append(slots[selection.keep[into]])
+                wts.append(weight)
         slots_b = torch.sort(torch.cat(kept)).values
         keep_slots.append(slots_b)
         merges.append((torch.cat(src), torch.cat(dst), torch.cat(wts)) if src else None)
@@ -259,6 +276,7 @@ def decide(rs: ResolvedStage, inputs: StageInputs, layouts: list[SampleLayout]):
         keep_tokens.append(row[slots_b])
         merged_into.append(into_b)
         merge_weight.append(weight_b)
+        merge_pairs.append(tuple(torch.cat(part) for part in zip(*pairs_b, strict=True)) if pairs_b else None)
     plan = KeepPlan(
         layer=rs.layer,
         method=rs.stage.method,
@@ -270,6 +288,7 @@ def decide(rs: ResolvedStage, inputs: StageInputs, layouts: list[SampleLayout]):
         grids=[token_grids(layout) for layout in layouts],
         merged_into=merged_into,
         merge_weight=merge_weight,
+        merge_pairs=merge_pairs if any(p is not None for p in merge_pairs) else None,
         space=rs.selector.space,
     )
     return keep_slots, merges, plan

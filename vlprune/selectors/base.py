@@ -20,19 +20,34 @@ class Selection:
     selectors acting before the projector (``space = "vision"``) on a tower with [CLS], the [CLS] state is one more
     source at index ``n``.
 
+    A source may also feed several outputs (FastVID merges a token into a target of each anchor frame): then
+    ``source`` lists, per contribution ``p``, its source index, and ``into[p]`` / ``weight[p]`` its output and weight
+    (output ``i`` is ``sum(weight[p] * sources[source[p]] for p with into[p] == i)``).
+
     Attributes
     ----------
     keep : LongTensor (k,)
         Distinct candidate indices whose slots survive, in output order.
-    into : LongTensor (sources,) or None
-        Output index each source contributes to, ``-1`` for none. ``None``: output ``i`` is candidate ``keep[i]``.
-    weight : Tensor (sources,) or None
-        Weight of each source in its output.
+    into : LongTensor (sources,) or (P,) or None
+        Output index each source (each contribution, with ``source``) goes to, ``-1`` for none. ``None``: output
+        ``i`` is candidate ``keep[i]``.
+    weight : Tensor (sources,) or (P,) or None
+        Weight of each source (contribution) in its output.
+    source : LongTensor (P,) or None
+        Source index of each contribution; ``None``: contribution ``j`` is source ``j``.
     """
 
     keep: torch.Tensor
     into: torch.Tensor | None = None
     weight: torch.Tensor | None = None
+    source: torch.Tensor | None = None
+
+    def pairs(self, sources: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(source, output, weight)`` of every contribution (``into >= 0``), for ``sources`` sources."""
+        source = torch.arange(sources) if self.source is None else self.source.cpu()
+        into = self.into.cpu()
+        used = into >= 0
+        return source[used], into[used], self.weight.cpu()[used]
 
     @staticmethod
     def pruned(keep: torch.Tensor) -> Selection:
@@ -42,11 +57,9 @@ class Selection:
         """The ``(k, D)`` output tokens from ``sources`` (S, D), accumulated in fp32."""
         if self.into is None:
             return sources[self.keep.to(sources.device)]
-        into = self.into.to(sources.device)
-        used = into >= 0
+        source, into, weight = (t.to(sources.device) for t in self.pairs(sources.shape[0]))
         out = torch.zeros(self.keep.numel(), sources.shape[-1], device=sources.device, dtype=torch.float32)
-        weight = self.weight.to(device=sources.device, dtype=torch.float32)[used, None]
-        out.index_add_(0, into[used], sources[used].float() * weight)
+        out.index_add_(0, into, sources[source].float() * weight.float()[:, None])
         return out.to(sources.dtype)
 
 
