@@ -6,6 +6,7 @@ from . import (  # noqa: F401  (registration)
     dycoke,
     fastervlm,
     fastv,
+    fastvid,
     flowcut,
     holitom,
     pdrop,

@@ -1,0 +1,184 @@
+"""FastVID against a hand-written transcription of the release's pruning on planted videos (DySeg, salient tokens,
+density scores and both DTM cases written loop by loop), its core invariants on LLaVA-OneVision videos, and its
+errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_families import check_method, run
+
+import vlprune
+from vlprune.selectors.fastvid import FastVID, anchor_counts
+from vlprune.signals import TokenView
+
+from families import VIDEO_FAMILIES
+
+T, N, D = 8, 9, 16  # frames, tokens per frame (3 x 3), width
+
+
+def planted_video(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two scenes of four frames (frames of a scene are near copies of its first), and random attention."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, N, D, generator=g)
+    x[1:4] = x[0] + 0.3 * torch.randn(3, N, D, generator=g)
+    x[5:8] = x[4] + 0.3 * torch.randn(3, N, D, generator=g)
+    return x, torch.rand(T, N, generator=g)
+
+
+def cosine(a, b) -> float:
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def scores(rows: torch.Tensor, k: int) -> list[float]:
+    """DPC-KNN's delta x density of each row, from the definitions."""
+    m, width = rows.shape
+    dist = [[float((rows[i] - rows[j]).norm()) / width**0.5 for j in range(m)] for i in range(m)]
+    density = [math.exp(-sum(d * d for d in sorted(row)[:k]) / k) for row in dist]
+    top = max(max(row) for row in dist)
+    delta = [min([dist[i][j] for j in range(m) if density[j] > density[i]], default=top) for i in range(m)]
+    return [delta[i] * density[i] for i in range(m)]
+
+
+def reference(x, attention, keep, segments=8, tau=0.9, d=0.4, p=4, beta=0.6, k=4) -> dict[int, torch.Tensor]:
+    """The release's pruning of one video: ``{slot: value}`` of the tokens it hands to the LLM."""
+    frames, n = attention.shape
+    g = x.mean(1)
+    sim = [cosine(g[t], g[t + 1]) for t in range(frames - 1)]
+    lowest = sorted(range(frames - 1), key=lambda t: (sim[t], t))[: segments - 1]
+    cuts = sorted(set(lowest) | {t for t in range(frames - 1) if sim[t] < tau})
+    bounds = [-1, *cuts, frames - 1]
+    sizes = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+    retain = int(n * (keep / (frames * n)))
+    salient = retain - int(retain * d)
+    context = retain - salient
+    count = []
+    for length in sizes:
+        share = context * length // math.ceil(length / p)
+        count += [min(share, n - salient) if (length - 1 - j) % p == 0 else 0 for j in range(length)]
+    out, others, score = {}, [], []
+    for f in range(frames):
+        chosen = sorted(range(n), key=lambda i: (-float(attention[f, i]), i))[:salient]
+        for i in chosen:
+            out[f * n + i] = x[f, i]
+        rest = [i for i in range(n) if i not in chosen]
+        others.append(rest)
+        score.append(scores(x[f, rest], k))
+    first = 0
+    for length in sizes:
+        segment = list(range(first, first + length))
+        for f in segment:
+            if not count[f]:
+                continue
+            order = sorted(range(len(others[f])), key=lambda j: (-score[f][j], j))[: count[f]]
+            targets = [(f, others[f][j]) for j in order]
+            joined = [(h, i) for h in (segment if length > 1 else [f]) for i in others[h]]
+            assigned = {t: [] for t in targets}
+            for h, i in joined:
+                best = max(range(len(targets)), key=lambda j: (cosine(x[h, i], x[targets[j]]), -j))
+                assigned[targets[best]].append(x[h, i])
+            for t in targets:
+                members = assigned[t]
+                w = max(1 / (len(members) + 1), beta)
+                mean = torch.stack(members).mean(0) if members else torch.zeros(x.shape[-1])
+                out[t[0] * n + t[1]] = w * x[t] + (1 - w) * mean
+        first += length
+    return out
+
+
+def view_of(x, attention) -> TokenView:
+    view = TokenView(index=torch.arange(T * N), grid=(3, 3), image=0, frames=T)
+    view.features, view.received_attention = x.reshape(T * N, D), attention.reshape(T * N)
+    return view
+
+
+@pytest.mark.parametrize(
+    "keep,params",
+    [
+        (36, {"segments": 2, "threshold": 0.0, "period": 2}),  # two scenes, two anchors each: pair-form merges
+        (36, {"segments": 2, "threshold": 0.0}),  # one anchor per scene
+        (54, {}),  # eight single-frame segments (c = 8 cuts every transition)
+        (20, {"segments": 1, "threshold": -1.0, "context": 0.6, "beta": 0.3}),
+    ],
+)
+def test_fastvid_equals_the_transcription(keep, params):
+    x, attention = planted_video()
+    view = view_of(x, attention)
+    selection = FastVID(**params).select(view, keep)
+    names = {"segments": "segments", "threshold": "tau", "context": "d", "period": "p", "beta": "beta"}
+    expected = reference(x, attention, keep, **{names[key]: value for key, value in params.items()})
+    got = dict(zip(selection.keep.tolist(), selection.apply(view.features), strict=True))
+    assert sorted(got) == sorted(expected)
+    assert FastVID(**params).count(view, keep) == len(expected) <= keep
+    for slot, value in expected.items():
+        torch.testing.assert_close(got[slot], value, rtol=1e-5, atol=1e-5)
+
+
+def test_several_anchors_share_the_segment_tokens():
+    """With two anchors in a scene, a token of that scene feeds one target of each: the pair form."""
+    x, attention = planted_video()
+    selection = FastVID(segments=2, threshold=0.0, period=2).select(view_of(x, attention), 36)
+    counts = torch.bincount(selection.source, minlength=T * N)
+    merged = torch.ones(T * N, dtype=torch.bool)
+    merged[selection.keep] = False
+    assert (counts[merged] == 2).all()  # every merged token: once into each of its scene's two anchors
+    assert (counts[selection.keep[: T * 3]] == 1).all()  # salient tokens (3 per frame): themselves only
+
+
+def test_anchor_counts_by_hand():
+    assert anchor_counts([1, 4, 5], context=3, period=4) == [3, 0, 0, 0, 12, 7, 0, 0, 0, 7]  # 15 // 2 at 5 - 1, 5 - 5
+    assert anchor_counts([6], context=2, period=2) == [0, 4, 0, 4, 0, 4]
+
+
+def test_keep_all_is_the_identity_and_images_are_refused():
+    x, attention = planted_video()
+    assert torch.equal(FastVID().select(view_of(x, attention), T * N), torch.arange(T * N))
+    image = TokenView(index=torch.arange(N), grid=(3, 3), image=0, frames=1)
+    image.features, image.received_attention = x[0], attention[0]
+    with pytest.raises(ValueError, match="at least two frames"):
+        FastVID().select(image, 4)
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({"context": 1.5}, "context must be a number in"),
+        ({"beta": -0.1}, "beta must be a number in"),
+        ({"period": 0}, "period must be an integer >= 1"),
+        ({"segments": 2.5}, "segments must be an integer >= 1"),
+    ],
+)
+def test_bad_parameters(bad, message):
+    with pytest.raises(ValueError, match=message):
+        FastVID(**bad)
+
+
+@pytest.fixture(scope="module")
+def onevision():
+    family = VIDEO_FAMILIES["llava_onevision"]
+    model = family.build(layers=4)
+    run(model, family.inputs(model, ((3, 2, (4,)),)))
+    return family, model
+
+
+SHAPES = ((3, 2, (4,)), (1, 3, (4, 4)), (5, 1, (4,)))  # four frames of 4 tokens per video
+
+
+@pytest.mark.parametrize(
+    "budget,count",
+    [
+        ({"ratio": 0.75, "segments": 1, "threshold": -1.0, "period": 2}, 12),  # 4 x 2 salient + 2 anchors x 2
+        ({"ratio": 0.75, "segments": 1, "threshold": -1.0}, 10),  # 4 x 2 salient + one anchor, capped at 2
+        ({"keep": 12}, 12),  # four single-frame segments: 2 salient + 1 context each
+    ],
+)
+def test_fastvid_core_invariants_on_onevision_videos(onevision, budget, count):
+    family, model = onevision
+    check_method(family, model, "fastvid", budget, SHAPES, count=lambda size: count)
+
+
+def test_fastvid_is_refused_where_no_received_attention():
+    with pytest.raises(ValueError, match="fastvid"):
+        vlprune.wrap(VIDEO_FAMILIES["qwen2_5_vl"].build(layers=2), "fastvid", keep=8)
