@@ -182,3 +182,14 @@ def test_fastvid_core_invariants_on_onevision_videos(onevision, budget, count):
 def test_fastvid_is_refused_where_no_received_attention():
     with pytest.raises(ValueError, match="fastvid"):
         vlprune.wrap(VIDEO_FAMILIES["qwen2_5_vl"].build(layers=2), "fastvid", keep=8)
+
+
+def test_presets(onevision):
+    """``fastvid-25``: a quarter of each frame's 4 tokens (one salient token, no context), positions kept."""
+    family, model = onevision
+    config = vlprune.load_config("fastvid-25")
+    assert (config.stages[0].method, config.stages[0].ratio, config.positions) == ("fastvid", 0.25, "original")
+    with vlprune.wrap(model, "fastvid-25") as pruned:
+        run(model, family.inputs(model, SHAPES[:1]))
+        assert pruned.plans[0].kept_per_sample == [4]
+    assert vlprune.load_config("fastvid-10").stages[0].ratio == 0.1
