@@ -141,6 +141,20 @@ class TowerSelector(Selector):
         raise RuntimeError(f"{self.name!r} decides inside the vision tower, not per view")
 
 
+def check_params(method: str, unit: dict | None = None, counts: dict | None = None, numbers: dict | None = None):
+    """Raise for a bad hyper-parameter of ``method``: ``unit`` ones must be numbers in [0, 1], ``counts`` integers
+    >= 1 (``ValueError``), ``numbers`` numbers (``TypeError``); booleans are none of these."""
+    for name, value in (unit or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"{method} {name} must be a number in [0, 1], got {value!r}")
+    for name, value in (counts or {}).items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{method} {name} must be an integer >= 1, got {value!r}")
+    for name, value in (numbers or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{method} {name} must be a number, got {value!r}")
+
+
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest scores, ties broken towards the lower index (deterministic)."""
     order = torch.sort(scores.float(), descending=True, stable=True).indices

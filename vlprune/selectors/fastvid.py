@@ -40,7 +40,7 @@ import torch
 from ..registry import register_selector
 from ..signals import SignalRequest, TokenView
 from ..temporal import dyseg_cuts
-from .base import Selection, Selector, top_k, whole_video
+from .base import Selection, Selector, check_params, top_k, whole_video
 
 
 def density_scores(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -86,16 +86,9 @@ class FastVID(Selector):
     video = True
 
     def __post_init__(self) -> None:
-        for name in ("context", "beta"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ValueError(f"fastvid {name} must be a number in [0, 1], got {value!r}")
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
-            raise TypeError(f"fastvid threshold must be a number, got {self.threshold!r}")
-        for name in ("segments", "period", "k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"fastvid {name} must be an integer >= 1, got {value!r}")
+        unit = {"context": self.context, "beta": self.beta}
+        counts = {"segments": self.segments, "period": self.period, "k": self.k}
+        check_params("fastvid", unit, counts, {"threshold": self.threshold})
 
     def requests(self, layer: int, vision_depth: int) -> list[SignalRequest]:
         return [SignalRequest("features"), SignalRequest("received_attention"), SignalRequest("frames")]

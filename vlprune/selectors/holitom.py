@@ -46,7 +46,7 @@ import torch
 from ..registry import register_selector
 from ..signals import SignalRequest, TokenView
 from ..temporal import holitom_windows, static_positions, transition_similarity
-from .base import Selection, Selector, top_k, whole_video
+from .base import Selection, Selector, check_params, top_k, whole_video
 from .sparsevlm import dpc_knn
 
 
@@ -104,16 +104,8 @@ class HoliTom(Selector):
     video = True
 
     def __post_init__(self) -> None:
-        for name in ("beta", "context"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ValueError(f"holitom {name} must be a number in [0, 1], got {value!r}")
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
-            raise TypeError(f"holitom threshold must be a number, got {self.threshold!r}")
-        for name in ("k", "max_window"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"holitom {name} must be an integer >= 1, got {value!r}")
+        unit = {"beta": self.beta, "context": self.context}
+        check_params("holitom", unit, {"k": self.k, "max_window": self.max_window}, {"threshold": self.threshold})
 
     def requests(self, layer: int, vision_depth: int) -> list[SignalRequest]:
         if layer > 0:  # the inner-LLM stage
