@@ -86,12 +86,14 @@ def merges_of(plan: vlprune.KeepPlan, ids: torch.Tensor, image_token: int = 100)
     return out
 
 
-def layer_loop(model, embeds, mask, positions, stages: list[tuple], renumber=False, deepstack=None):
+def layer_loop(model, embeds, mask, positions, stages: list[tuple], renumber=False, deepstack=None, back=None):
     """Logits of a hand-written decoder loop. ``stages`` lists ``(layer, keep_tokens)`` or ``(layer, keep_tokens,
     merges)``: from ``layer`` on, only the input tokens in ``keep_tokens[b]`` (indices into the input sequence) go
     on; with ``merges`` (see :func:`merges_of`), each target becomes the weighted sum of its sources first.
     ``deepstack`` (see :func:`deepstack_of`): after layer ``i``, each visual token still present gets its own row
-    of level ``i`` added."""
+    of level ``i`` added. ``back = (K, prompt_length)``: in the layers before the stage at ``K``, the tokens after
+    the prompt (generated ones) do not see the prompt tokens that stage drops (a cache compacted after the
+    prefill)."""
     lm = model.model.language_model
     config = model.config.text_config
     h, pos, m = embeds, positions, mask.bool()
@@ -121,9 +123,23 @@ def layer_loop(model, embeds, mask, positions, stages: list[tuple], renumber=Fal
             mask4 = create_causal_mask(
                 config=config, inputs_embeds=h, attention_mask=m, past_key_values=None, position_ids=text_pos
             )
+            if back is not None and i < back[0]:
+                mask4 = hide_dropped(mask4, rows, cuts[back[0]][0], back[1])
         h = block(h, attention_mask=mask4, position_embeddings=cos_sin, position_ids=text_pos)
         h = add_deepstack(h, rows, deepstack, i)
     return model.lm_head(lm.norm(h))
+
+
+def hide_dropped(mask4: torch.Tensor, rows: torch.Tensor, keep: list[torch.Tensor], prompt: int) -> torch.Tensor:
+    """``mask4`` (B, 1, S, S) with the query rows of tokens after the ``prompt`` kept from the key columns of prompt
+    tokens not in ``keep[b]``."""
+    mask4 = mask4.clone()
+    fill = False if mask4.dtype == torch.bool else torch.finfo(mask4.dtype).min
+    for b in range(rows.shape[0]):
+        late = torch.nonzero(rows[b] >= prompt).flatten()
+        gone = torch.nonzero((rows[b] >= 0) & (rows[b] < prompt) & ~torch.isin(rows[b], keep[b])).flatten()
+        mask4[b, :, late[:, None], gone[None, :]] = fill
+    return mask4
 
 
 def add_deepstack(h: torch.Tensor, rows: torch.Tensor, deepstack, level: int) -> torch.Tensor:
@@ -157,10 +173,12 @@ def greedy(
     embeds=None,
     positions_fn=None,
     image_kwargs=None,
+    back=None,
 ):
     """Manual greedy decoding without a cache: each step recomputes everything with the prefill's fixed plans (and
     their merges). ``embeds`` replaces the prompt's input embeddings (for vision-space merges); ``positions_fn(ids,
-    mask)`` gives the unpruned sequence's positions (default: 1-D, from the mask)."""
+    mask)`` gives the unpruned sequence's positions (default: 1-D, from the mask). ``back``: the layer of a stage
+    that also compacts the earlier layers' cache (see :func:`layer_loop`)."""
     image_kwargs = image_kwargs or {}
     positions_fn = positions_fn or (lambda ids, mask: original_positions(mask))
     prompt = embed(model, ids, pixel_values, **image_kwargs) if embeds is None else embeds
@@ -176,7 +194,9 @@ def greedy(
         stack = None
         if deepstack is not None:
             stack = (torch.cat([deepstack[0], torch.zeros_like(new, dtype=torch.bool)], 1), deepstack[1])
-        logits = layer_loop(model, embeds, full_mask, positions, stages, renumber, stack)
+        logits = layer_loop(
+            model, embeds, full_mask, positions, stages, renumber, stack, None if back is None else (back, length)
+        )
         new = torch.cat([new, logits[:, -1].argmax(-1, keepdim=True)], 1)
     # like generate: a sequence that produced EOS continues with padding
     done = (new == eos).long().cumsum(1) - (new == eos).long() > 0

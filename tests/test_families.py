@@ -164,7 +164,7 @@ def test_a_batch_of_images_and_videos_is_a_clear_error(video_case):
         model(**{**inputs, "input_ids": ids})
 
 
-def family_greedy(family, model, inputs, plans, steps: int, renumber: bool) -> torch.Tensor:
+def family_greedy(family, model, inputs, plans, steps: int, renumber: bool, back=None) -> torch.Tensor:
     """The manual greedy loop of :func:`reference.greedy` with the family's own positions and vision inputs."""
     return greedy(
         model,
@@ -176,11 +176,13 @@ def family_greedy(family, model, inputs, plans, steps: int, renumber: bool) -> t
         renumber=renumber,
         positions_fn=lambda i, m: family.positions(model, {**inputs, "input_ids": i, "attention_mask": m}),
         image_kwargs=family.image_kwargs(inputs),
+        back=back,
     )
 
 
-def check_method(family, model, method, budget, shapes, count=None):
-    """The invariants for ``method`` (or a preset, with ``count(size)`` its kept tokens per input) on ``shapes``."""
+def check_method(family, model, method, budget, shapes, count=None, back=None):
+    """The invariants for ``method`` (or a preset, with ``count(size)`` its kept tokens per input) on ``shapes``;
+    ``back``: the layer of a stage that also compacts the earlier layers' cache."""
     inputs = family.inputs(model, shapes, seed=2)
     candidates, sizes = family.visual_tokens(model, inputs, shapes)
     before = state(model)
@@ -207,7 +209,7 @@ def check_method(family, model, method, budget, shapes, count=None):
             stack = deepstack_of(model, ids, family.pixels(inputs), **family.image_kwargs(inputs))
             renumber = pruned.config.positions == "renumber"
             expected = layer_loop(model, embeds, inputs["attention_mask"], positions, stages, renumber, stack)
-            expected_tokens = family_greedy(family, model, inputs, plans, tokens.shape[1], renumber)
+            expected_tokens = family_greedy(family, model, inputs, plans, tokens.shape[1], renumber, back)
         last = plans[-1].keep_tokens
         real = torch.stack([torch.arange(logits.shape[1]) >= logits.shape[1] - len(k) for k in last])
         torch.testing.assert_close(logits[real], expected[real], rtol=1e-4, atol=1e-5)

@@ -31,7 +31,7 @@ from .decode_cache import CacheRestriction
 from .hooks import HookSet
 from .plan import KeepPlan
 from .registry import adapter_class
-from .schedule import ResolvedStage, StageInputs, decide, decide_vision, resolve
+from .schedule import ResolvedStage, StageInputs, decide, decide_vision, frame_spans, resolve
 from .signals import VISION
 from .tower import TowerStage
 
@@ -65,6 +65,7 @@ class _Session:
 
     full_length: int
     layer_segment: dict[int, compaction.Segment]
+    cache_back: int = 0  # a stage at this layer drops its tokens from the earlier layers' cache after the prefill
 
 
 class Pruned:
@@ -141,7 +142,8 @@ class Pruned:
         adapter.install_language(self._hooks, self._current_rows, lambda: self._in_prefill)
         if any(r.name == "embeddings" for r in requests):
             self._hooks.pre(adapter.language_model, self._on_language_model)
-        for layer in range(min(self._stages), adapter.num_layers):
+        back = any(rs.selector.compacts_earlier_cache(rs.layer) for rs in self._stages.values())
+        for layer in range(0 if back else min(self._stages), adapter.num_layers):
             self._hooks.pre(adapter.layers[layer], self._layer_hook(layer))
         self._active = True
 
@@ -211,6 +213,9 @@ class Pruned:
         return args, kwargs
 
     def _on_entry_done(self, module, args, kwargs, output):
+        session = self._session
+        if self._in_prefill and session is not None and session.cache_back:
+            self._compact_earlier_cache(getattr(output, "past_key_values", None) or self._call.cache)
         if self._in_prefill:
             if self._cache is not None and self._call.layouts is not None:
                 self._cache.remember(self._call.layouts)
@@ -219,6 +224,20 @@ class Pruned:
                 segment.masks.clear()  # prefill-sized (eager: (B, 1, L', L')); decoding builds its own
         self._call = None
         return None
+
+    def _compact_earlier_cache(self, cache) -> None:
+        """After a prefill whose stage at ``cache_back`` asks for it: the layers before it keep in their cache only
+        the tokens that stage kept, and decode as its layers do."""
+        session = self._session
+        target = session.layer_segment[session.cache_back]
+        if cache is not None:
+            for layer in range(session.cache_back):
+                segment = session.layer_segment.get(layer)
+                full = torch.arange(session.full_length, device=target.rows.device).expand(target.rows.shape[0], -1)
+                rows = segment.rows.to(full.device) if segment is not None else full
+                compaction.compact_cache_layer(cache, layer, rows, target.rows)
+        for layer in range(session.cache_back):
+            session.layer_segment[layer] = target
 
     def _decode_mask2d(self, segment: compaction.Segment, new: int) -> torch.Tensor:
         """2-D mask of a segment's layers while decoding: the segment's own slots, then the ``new`` columns."""
@@ -286,23 +305,16 @@ class Pruned:
                 if (name, key) not in wanted:
                     continue
                 if name == "text_attention":
-                    value = [
-                        (
-                            q,
-                            s[
-                                :,
-                                torch.searchsorted(old_rows[b].contiguous(), rows[b].contiguous()).clamp(
-                                    max=s.shape[1] - 1
-                                ),
-                            ],
-                        )
-                        for b, (q, s) in enumerate(value)
+                    inputs.text_attention[key] = [
+                        (queries, *(s[:, _slots_of(old_rows[b], rows[b], s.shape[1])] for s in scores))
+                        for b, (queries, *scores) in enumerate(value)
                     ]
-                    inputs.text_attention[key] = value
                 else:
                     target = inputs.llm if name == "llm_attention" else inputs.keys
                     target[key] = compaction.align(value, old_rows, rows)
         names = {name for name, _ in wanted}
+        if "frames" in names:
+            inputs.spans = frame_spans(self.plans, self._layouts())
         if "hidden" in names:
             inputs.hidden = hidden
         if "normed_hidden" in names:
@@ -368,6 +380,10 @@ class Pruned:
         )
         for later in range(layer, self.adapter.num_layers):
             self._session.layer_segment[later] = call.segment
+        if stage.selector.compacts_earlier_cache(layer):
+            if any(m is not None for m in merges):
+                raise RuntimeError(f"{stage.stage.method!r} merged tokens at a stage that compacts the earlier cache")
+            self._session.cache_back = layer
         return hidden
 
     def _apply_prefill(self, layer, segment, hidden, args, kwargs):
@@ -433,6 +449,11 @@ class Pruned:
 
 
 # --- public functions ------------------------------------------------------------------------------------------
+def _slots_of(old_rows: torch.Tensor, new_rows: torch.Tensor, length: int) -> torch.Tensor:
+    """Index into slots laid on ``old_rows`` of each of ``new_rows`` (one sample; each new row is an old one)."""
+    return torch.searchsorted(old_rows.contiguous(), new_rows.contiguous()).clamp(max=length - 1)
+
+
 def _find_handle(model: nn.Module) -> Pruned | None:
     for module in model.modules():
         for hook in module._forward_pre_hooks.values():

@@ -67,8 +67,8 @@ def ensure_registered(base: str) -> str:
     return name
 
 
-def head_mean_attention(query: torch.Tensor, key: torch.Tensor, scaling: float | None, key_mask) -> torch.Tensor:
-    """Softmax attention of the given query rows over all keys, mean over heads: ``(B, Lq, Lk)``.
+def head_probabilities(query: torch.Tensor, key: torch.Tensor, scaling: float | None, key_mask) -> torch.Tensor:
+    """Softmax attention of the given query rows over all keys, per head: ``(B, Hkv, g, Lq, Lk)``.
 
     ``query`` (B, H, Lq, D), ``key`` (B, Hkv, Lk, D) with grouped heads (H = Hkv * g); ``key_mask`` (B, Lk) bool.
     """
@@ -79,7 +79,13 @@ def head_mean_attention(query: torch.Tensor, key: torch.Tensor, scaling: float |
     logits = torch.einsum("bkgqd,bkld->bkgql", q, key.float()) * scaling  # (B, Hkv, g, Lq, Lk)
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, None, None, None, :], float("-inf"))
-    return logits.softmax(-1).mean(dim=(1, 2))  # (B, Lq, Lk)
+    return logits.softmax(-1)
+
+
+def head_mean_attention(query: torch.Tensor, key: torch.Tensor, scaling: float | None, key_mask) -> torch.Tensor:
+    """Softmax attention of the given query rows over all keys, mean over heads: ``(B, Lq, Lk)`` (arguments as
+    :func:`head_probabilities`)."""
+    return head_probabilities(query, key, scaling, key_mask).mean(dim=(1, 2))
 
 
 def last_query_attention(query: torch.Tensor, key: torch.Tensor, scaling, key_mask=None) -> torch.Tensor:
@@ -100,20 +106,21 @@ def repeated_keys(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 
 
 def text_attention(query, key, scaling, key_mask, rows: torch.Tensor, layouts) -> list:
-    """Per sample: the input rows of its text tokens after its first visual token, and their head-mean attention
-    over all keys ``(t, L)``. ``rows`` (B, L) are the input rows of the current slots; ``layouts`` the samples'
-    :class:`~vlprune.schedule.SampleLayout`."""
+    """Per sample: the input rows of its text tokens after its first visual token, and their attention over all keys
+    ``(t, L)``, as the mean and as the maximum over heads. ``rows`` (B, L) are the input rows of the current slots;
+    ``layouts`` the samples' :class:`~vlprune.schedule.SampleLayout`."""
     out = []
     for b, layout in enumerate(layouts):
         row = rows[b].cpu()
         if layout.positions.numel() == 0:
-            out.append((torch.zeros(0, dtype=torch.long), query.new_zeros(0, key.shape[2])))
+            empty = query.new_zeros(0, key.shape[2])
+            out.append((torch.zeros(0, dtype=torch.long), empty, empty))
             continue
         after = (row > layout.positions[0]) & ~torch.isin(row, layout.positions) & ~torch.isin(row, layout.fixed)
         if key_mask is not None:
             after &= key_mask[b].cpu()
         slots = torch.nonzero(after).flatten()
         mask_b = key_mask[b : b + 1] if key_mask is not None else None
-        scores = head_mean_attention(query[b : b + 1, :, slots.to(query.device)], key[b : b + 1], scaling, mask_b)
-        out.append((row[slots], scores[0]))
+        probs = head_probabilities(query[b : b + 1, :, slots.to(query.device)], key[b : b + 1], scaling, mask_b)
+        out.append((row[slots], probs[0].mean(dim=(0, 1)), probs[0].amax(dim=(0, 1))))
     return out

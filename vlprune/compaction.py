@@ -114,6 +114,23 @@ def align(values: torch.Tensor, old_rows: torch.Tensor, new_rows: torch.Tensor) 
     return gather_tokens(values, index)
 
 
+def compact_cache_layer(cache, layer_idx: int, old_rows: torch.Tensor, new_rows: torch.Tensor) -> None:
+    """Keep, in the KV cache of decoder layer ``layer_idx`` (its entries laid on slots ``old_rows`` (B, L_old)), the
+    entries of the slots ``new_rows`` (B, L_new), each of which is among the old rows (leading ``-1`` padding slots
+    are filled with any entry; their mask hides them)."""
+    layer = cache.layers[layer_idx]
+    index = torch.searchsorted(old_rows.contiguous(), new_rows.contiguous())
+    index = index.clamp(max=old_rows.shape[1] - 1).to(layer.keys.device)
+    if layer.keys.shape[2] != old_rows.shape[1]:
+        raise RuntimeError(
+            f"the cache of layer {layer_idx} holds {layer.keys.shape[2]} entries, not {old_rows.shape[1]}"
+        )
+    for name in ("keys", "values"):
+        tensor = getattr(layer, name)
+        full = index[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[3])
+        setattr(layer, name, torch.gather(tensor, 2, full))
+
+
 def layer_kind(config, layer_idx: int) -> str:
     types = getattr(config, "layer_types", None)
     return types[layer_idx] if types else "full_attention"

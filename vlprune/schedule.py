@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .compaction import layer_kind
 from .config import PruneConfig, Stage
 from .plan import KeepPlan
 from .registry import create_selector
@@ -94,6 +95,13 @@ def resolve(config: PruneConfig, adapter) -> list[ResolvedStage]:
             )
         for request in requests:
             adapter.check_request(request, stage.method)
+        if selector.compacts_earlier_cache(layer):
+            kinds = {layer_kind(adapter.text_config, i) for i in range(layer)}
+            if layer == 0 or kinds - {"full_attention"}:
+                raise ValueError(
+                    f"{stage.method!r} at layer {layer} drops tokens from the cache of the layers before it, which "
+                    f"needs layer > 0 and full-attention layers there (got {sorted(kinds) or 'none'})"
+                )
         resolved.append(ResolvedStage(stage, selector, layer, requests))
     caching = [(rs.stage.method, cache) for rs in resolved if (cache := rs.selector.cache_stage()) is not None]
     if caching:
@@ -132,7 +140,8 @@ class StageInputs:
     """Everything a stage may read, aligned to the current segment's slots (``rows``, (B, Lc)).
 
     ``llm`` / ``keys`` / ``incoming`` / ``hidden`` / ``normed``: (B, Lc, ...) tensors; ``text_attention``:
-    ``{layer: [(query_slots (t,), scores (t, Lc)) per sample]}``; ``embeddings``: (B, L0, D) indexed by input row.
+    ``{layer: [(query_rows (t,), head-mean scores (t, Lc), head-max scores (t, Lc)) per sample]}``; ``embeddings``:
+    (B, L0, D) indexed by input row; ``spans``: per sample, :func:`frame_spans` (with ``frames``).
     """
 
     rows: torch.Tensor
@@ -144,6 +153,7 @@ class StageInputs:
     hidden: torch.Tensor | None = None
     normed: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None
+    spans: list[torch.Tensor] | None = None
 
 
 def _tokenwise(view: TokenView, inputs: StageInputs, b: int, slots: torch.Tensor, rows: torch.Tensor, wanted) -> None:
@@ -158,10 +168,39 @@ def _tokenwise(view: TokenView, inputs: StageInputs, b: int, slots: torch.Tensor
             view.llm_keys[key] = value[b][slots.to(value.device)]
 
 
-def _view(inputs: StageInputs, layout, b: int, j: int, grid, slots, local, text_slots, wanted):
+def frame_spans(plans: list[KeepPlan], layouts: list[SampleLayout]) -> list[torch.Tensor]:
+    """Per sample, for each visual token (ordinal), the first and last frame ``(nvis, 2)`` of the tokens whose values
+    reached it through the merges of ``plans`` (the earlier stages of this prefill, in order): its own frame twice
+    when nothing was merged into it (frame 0 for an image). Rows of discarded tokens are meaningless."""
+    out = []
+    for b, layout in enumerate(layouts):
+        frame = torch.zeros(layout.positions.numel(), dtype=torch.long)
+        for j, grid in enumerate(layout.grids):
+            if layout.frames and layout.frames[j] > 1 and grid is not None:
+                mine = layout.image_of == j
+                frame[mine] = layout.local[mine] // (grid[0] * grid[1])
+        span = torch.stack([frame, frame], dim=1)
+        for plan in plans:
+            into = plan.merged_into[b]
+            source = torch.nonzero(into >= 0).flatten()
+            target = into[source]
+            if plan.merge_pairs is not None and plan.merge_pairs[b] is not None:
+                source, target = plan.merge_pairs[b][0], plan.merge_pairs[b][1]
+            new = span.clone()
+            new[:, 0].scatter_reduce_(0, target, span[source, 0], "amin")
+            new[:, 1].scatter_reduce_(0, target, span[source, 1], "amax")
+            span = new
+        out.append(span)
+    return out
+
+
+def _view(inputs: StageInputs, layout, b: int, j: int, grid, slots, ordinals, text_slots, wanted):
     image = layout.images[j]
     vision, row = inputs.vision, inputs.rows[b].cpu()
+    local = layout.local[ordinals]
     view = TokenView(index=local, grid=grid, image=j, frames=layout.frames[j] if layout.frames else 1)
+    if inputs.spans is not None and ("frames", None) in wanted:
+        view.frame_span = inputs.spans[b][ordinals]
     if ("features", None) in wanted:
         view.all_features = vision["features"][image]
         view.features = view.all_features[local.to(view.all_features.device)]
@@ -183,9 +222,10 @@ def _view(inputs: StageInputs, layout, b: int, j: int, grid, slots, local, text_
         view.incoming_attention = inputs.incoming[b][slots.to(inputs.incoming.device)]
     for key, per_sample in inputs.text_attention.items():
         if ("text_attention", key) in wanted:
-            queries, scores = per_sample[b]
-            after = queries > row[slots].max()
-            view.text_attention[key] = scores[after.to(scores.device)][:, slots.to(scores.device)]
+            queries, mean, top = per_sample[b]
+            after = (queries > row[slots].max()).to(mean.device)
+            view.text_attention[key] = mean[after][:, slots.to(mean.device)]
+            view.text_attention_max[key] = top[after][:, slots.to(top.device)]
     _tokenwise(view, inputs, b, slots, row[slots], wanted)
     if any(name in TOKENWISE for name, _ in wanted):
         view.text = TokenView(index=text_slots, grid=None, image=j)
@@ -230,7 +270,6 @@ def decide(rs: ResolvedStage, inputs: StageInputs, layouts: list[SampleLayout]):
         for j, image, grid, slots in units:
             if slots.numel() == 0:
                 continue
-            local = layout.local[slot_ordinal[slots]]
             k = rs.stage.budget(int(slots.numel()))
             if decided is not None:
                 chosen = decided[image]
@@ -240,7 +279,7 @@ def decide(rs: ResolvedStage, inputs: StageInputs, layouts: list[SampleLayout]):
                     sources = max(slots.numel(), int(chosen.source.max()) + 1 if chosen.source.numel() else 0)
             else:
                 text_slots = torch.nonzero(text & (torch.arange(row.numel()) > slots.max())).flatten()
-                view = _view(inputs, layout, b, j, grid, slots, local, text_slots, wanted)
+                view = _view(inputs, layout, b, j, grid, slots, slot_ordinal[slots], text_slots, wanted)
                 chosen, sources = rs.selector.select(view, k), view.n
                 k = min(rs.selector.count(view, k), view.n)
             selection = check_selection(rs.stage.method, chosen, slots.numel(), sources, k)

@@ -11,7 +11,8 @@ signal                  value in a :class:`TokenView` (one image's ``n`` candida
 ``incoming_attention``  ``(n,)`` the same row as layer ``L`` itself would compute it   stage layer's q/k projections
                         from its input (``L`` = the stage's layer)
 ``text_attention``      ``{decoder_layer: (t, n)}`` each text token after the image   scoring attention function
-                        -> candidate token, head mean (softmax over all keys)
+                        -> candidate token, head mean (softmax over all keys);
+                        ``view.text_attention_max`` the same, maximum over heads
 ``llm_keys``            ``{decoder_layer: (n, H*d)}`` post-RoPE keys, KV heads         scoring attention function
                         repeated to the query heads (text: ``view.text``)
 ``hidden``              ``(n, D)`` hidden states entering the stage's layer           stage hook
@@ -25,7 +26,9 @@ signal                  value in a :class:`TokenView` (one image's ``n`` candida
                         as an fp32 function of ``(m, Dv)`` inputs
 ``grid``                ``(h, w)`` token grid of the image                            adapter geometry
 ``frames``              ``view.frames``: a video's frame count; its tokens are         adapter geometry
-                        ``frames x h x w`` in raster order, ``view.grid`` per frame
+                        ``frames x h x w`` in raster order, ``view.grid`` per frame;  (``frame_span``: the core,
+                        ``view.frame_span`` (n, 2): first and last frame of the      from the earlier stages' plans)
+                        tokens merged into each candidate by earlier stages
 ``vision_qkv``          not in a view: each vision attention layer's query, key and   scoring attention function
                         value before the feature layer, streamed to a tower selector
 ======================  ==========================================================  ===============================
@@ -115,6 +118,7 @@ class TokenView:
     llm_attention: dict[int, torch.Tensor] = field(default_factory=dict)
     incoming_attention: torch.Tensor | None = None
     text_attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    text_attention_max: dict[int, torch.Tensor] = field(default_factory=dict)
     llm_keys: dict[int, torch.Tensor] = field(default_factory=dict)
     hidden: torch.Tensor | None = None
     normed_hidden: torch.Tensor | None = None
@@ -125,6 +129,7 @@ class TokenView:
     cls_key: torch.Tensor | None = None
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
     text: TokenView | None = None
+    frame_span: torch.Tensor | None = None
 
     @property
     def n(self) -> int:

@@ -77,3 +77,63 @@ def dyseg_cuts(frame_features: torch.Tensor, segments: int = 8, threshold: float
     lowest = torch.argsort(similarity, stable=True)[: segments - 1]
     cuts = set(lowest.tolist()) | set(torch.nonzero(similarity < threshold).flatten().tolist())
     return sorted(c + 1 for c in cuts)
+
+
+def refine_runs(labels: list[int]) -> list[int]:
+    """PruneVid's clean-up of per-frame cluster labels into contiguous segments: each label keeps its longest runs
+    of consecutive frames (every run of that length) and loses the others; a label whose runs are all single frames
+    loses them all. Scanning left to right, each lost run takes the label of the longer neighbouring run (the left
+    one on ties, as already relabelled; label 0 with no neighbour at all). Returns the new labels.
+
+    Reference: Huang et al., "PruneVid: Visual Token Pruning for Efficient Video Large Language Models" (ACL 2025
+    Findings), ``refine_clusters`` in its release.
+    """
+    runs: dict[int, list[tuple[int, int]]] = {}
+    start = 0
+    for i in range(1, len(labels) + 1):
+        if i == len(labels) or labels[i] != labels[start]:
+            runs.setdefault(labels[start], []).append((start, i - 1))
+            start = i
+    out = list(labels)
+    for spans in runs.values():
+        longest = max(end - start + 1 for start, end in spans)
+        for start, end in spans:
+            if longest == 1 or end - start + 1 < longest:
+                out[start : end + 1] = [-1] * (end - start + 1)
+    i = 0
+    while i < len(out):
+        if out[i] != -1:
+            i += 1
+            continue
+        start = i
+        while i < len(out) and out[i] == -1:
+            i += 1
+        end = i - 1
+        left = right = None
+        left_length = right_length = 0
+        if start > 0:
+            left, j = out[start - 1], start - 1
+            while j >= 0 and out[j] == left:
+                j -= 1
+            left_length = start - 1 - j
+        if end < len(out) - 1:
+            right, j = out[end + 1], end + 1
+            while j < len(out) and out[j] == right:
+                j += 1
+            right_length = j - end - 1
+        if right_length > left_length or left is None:
+            label = right if right is not None else 0
+        else:
+            label = left
+        out[start : end + 1] = [label] * (end - start + 1)
+    return out
+
+
+def label_segments(labels: list[int]) -> list[tuple[int, int]]:
+    """The runs ``[start, end]`` of equal consecutive labels, in order."""
+    segments, start = [], 0
+    for i in range(1, len(labels) + 1):
+        if i == len(labels) or labels[i] != labels[start]:
+            segments.append((start, i - 1))
+            start = i
+    return segments

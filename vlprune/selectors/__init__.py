@@ -11,6 +11,7 @@ from . import (  # noqa: F401  (registration)
     holitom,
     pdrop,
     pool,
+    prunevid,
     random,
     sparsevlm,
     uniform,

@@ -97,6 +97,12 @@ class Selector:
         ``state`` is a dict kept per sample across the steps of one generation."""
         return None
 
+    def compacts_earlier_cache(self, layer: int) -> bool:
+        """Whether a stage of this selector at decoder ``layer`` also drops its tokens from the KV cache of the layers
+        before it once the prefill is done (PruneVid), so that decoding reads only the kept tokens at every layer.
+        Such a stage must prune without merging; the earlier layers' cached entries keep the values they had."""
+        return False
+
     def count(self, view: TokenView, keep: int) -> int:
         """Tokens :meth:`select` outputs for a budget of ``keep`` (capped at ``view.n`` by the core). Exactly
         ``keep`` unless a method's option reproduces a paper's own counting (such as DART's ``exact=False``)."""
