@@ -19,6 +19,8 @@ and run delimiters text that is always kept), and its DeepStack rows follow its 
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -32,13 +34,46 @@ SUPPORTED += ("normed_hidden", "embeddings", "grid", "frames")
 NO_CLS = ("cls_attention", "vision_hidden", "vision_keys", "vision_qkv")  # read the [CLS] token or its states
 
 
+def frame_attention(module, hidden, cos, sin, grid_thw, merge: int, window_index) -> list[torch.Tensor]:
+    """FastVID's saliency on Qwen-VL towers, from the input ``hidden`` (L, C) of the vision attention ``module`` (the
+    tower's last block) and its rotary ``cos``/``sin``: per image or video of ``grid_thw``, for each temporal patch,
+    the softmax attention of the mean of its patches' queries over the mean keys of its ``merge x merge`` blocks
+    (the tokens the merger makes), mean over heads. Returns per input its ``(t * h * w / merge^2,)`` scores in raster
+    order; ``window_index`` (tokens in window order -> raster token) when the tower reorders its tokens."""
+    length = hidden.shape[0]
+    heads = module.num_heads
+    query, key, _ = module.qkv(hidden).reshape(length, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+    query, key = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision(query, key, cos, sin)
+    scale = query.shape[-1] ** -0.5
+    unit = merge * merge
+    out, start, first = [], 0, 0
+    for t, h, w in grid_thw.tolist():
+        n = h * w // unit
+        scores = []
+        for f in range(t):
+            rows = slice(start + f * h * w, start + (f + 1) * h * w)
+            q = query[rows].float().mean(0)  # (heads, d)
+            k = key[rows].float().reshape(n, unit, heads, -1).mean(1)  # (n, heads, d)
+            scores.append((torch.einsum("hd,nhd->hn", q, k) * scale).softmax(-1).mean(0))
+        flat = torch.cat(scores).detach()
+        if window_index is not None:
+            raster = torch.empty_like(flat)
+            raster[(window_index[first : first + t * n] - first).to(flat.device)] = flat
+            flat = raster
+        out.append(flat)
+        start, first = start + t * h * w, first + t * n
+    return out
+
+
 @register_adapter("qwen2_vl")
 class Qwen2VLAdapter(Adapter):
-    """Signals: ``features`` (merger output, raster order), every decoder-side signal, ``grid``. No [CLS]."""
+    """Signals: ``features`` (merger output, raster order), every decoder-side signal, ``grid``. No [CLS].
+    ``received_attention`` is a substitute: FastVID's Qwen2.5-VL saliency (:func:`frame_attention`), the attention of
+    each temporal patch's mean query to each merged token in the tower's last block, not the mean over all queries."""
 
     model_type = "qwen2_vl"
     summary = "Qwen2-VL: images of any size, 2 x 2 merger, M-RoPE positions kept"
-    signals = {name: "yes" for name in SUPPORTED}
+    signals = {**{name: "yes" for name in SUPPORTED}, "received_attention": "substitute"}
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -97,6 +132,24 @@ class Qwen2VLAdapter(Adapter):
                 store["features"] = list(out.pooler_output.detach().split(self.image_sizes(store)))
 
             hooks.post(self.visual, features)
+        if any(r.name == "received_attention" for r in requests):
+            hooks.pre(self.visual.blocks[-1].attn, self._frame_attention(store))
+
+    def window_index(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
+        """Window order of the tower's merged tokens (Qwen2.5-VL), ``None`` when it keeps raster order."""
+        return None
+
+    def _frame_attention(self, store: dict):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            cos, sin = kwargs["position_embeddings"]
+            grid = store["grid_thw"]
+            with torch.no_grad():
+                store["received_attention"] = frame_attention(
+                    module, hidden, cos, sin, grid, self.merge, self.window_index(grid)
+                )
+
+        return hook
 
 
 @register_adapter("qwen2_5_vl")
@@ -105,6 +158,13 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
 
     model_type = "qwen2_5_vl"
     summary = "Qwen2.5-VL: as Qwen2-VL, window attention inside the tower"
+
+    def window_index(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
+        from transformers.vision_utils import get_vision_window_index
+
+        visual = self.visual
+        index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)
+        return index
 
 
 @register_adapter("qwen3_vl")

@@ -5,16 +5,18 @@ errors."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
-from test_families import check_method, run
+from test_families import DYCOKE_SHAPES, check_method, run
 
 import vlprune
-from vlprune.selectors.fastvid import FastVID, anchor_counts
+from vlprune.selectors.fastvid import FastVID, anchor_counts, qwen_counts
 from vlprune.signals import TokenView
 
 from families import VIDEO_FAMILIES
+from test_methods import TINY_PARAMS
 
 T, N, D = 8, 9, 16  # frames, tokens per frame (3 x 3), width
 
@@ -88,6 +90,79 @@ def reference(x, attention, keep, segments=8, tau=0.9, d=0.4, p=4, beta=0.6, k=4
     return out
 
 
+def qwen_reference(x, attention, keep, segments=8, tau=0.9, d=0.4, p=4, beta=0.6, k=4, ignore=0.95):
+    """The Qwen2.5-VL release's pruning of one video, loop by loop: ``{slot: value}``."""
+    frames, n = attention.shape
+    g = x.mean(1)
+    sim = [cosine(g[t], g[t + 1]) for t in range(frames - 1)]
+    lowest = sorted(range(frames - 1), key=lambda t: (sim[t], t))[: segments - 1]
+    cuts = sorted(set(lowest) | {t for t in range(frames - 1) if sim[t] < tau})
+    bounds = [-1, *cuts, frames - 1]
+    sizes = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+    retain = int(n * (keep / (frames * n)))
+    sal, ctx, start = [], [], 0
+    for length in sizes:
+        seg_retain = retain * length
+        seg_ctx = max(int(seg_retain * d), 1)
+        seg_sal = seg_retain - seg_ctx
+        if length == 1:
+            sal.append(seg_sal)
+            ctx.append(seg_ctx)
+        else:
+            inner = [i for i in range(length - 1) if sim[start + i] < ignore]
+            edges = [-1, *inner, length - 1]
+            runs = [b - a for a, b in zip(edges, edges[1:], strict=False)]
+            v = len(runs)
+            frm_sal = [seg_sal // v + (1 if i < seg_sal % v else 0) for i in range(v)]
+            temp = (v + p - 1) // p
+            temp_ctx = [seg_ctx // temp + (1 if i < seg_ctx % temp else 0) for i in range(temp)]
+            frm_ctx, idx = [], 0
+            for i in range(v):
+                if i % p == 0:
+                    frm_ctx.append(min(temp_ctx[idx], n // 2))
+                    idx += 1
+                else:
+                    frm_ctx.append(0)
+            frm_ctx.reverse()
+            for i in range(v):
+                sal += [0] * (runs[i] - 1)
+                ctx += [0] * (runs[i] - 1)
+                if frm_ctx[i] == 0:
+                    sal.append(min(frm_sal[i], n))
+                    ctx.append(0)
+                else:
+                    ctx.append(min(frm_ctx[i], n // 2))
+                    sal.append(min(frm_sal[i], n - ctx[-1]))
+        start += length
+    out, chosen = {}, []
+    for f in range(frames):
+        chosen.append(sorted(range(n), key=lambda i: (-float(attention[f, i]), i))[: sal[f]])
+        for i in chosen[f]:
+            out[f * n + i] = x[f, i]
+    first = 0
+    for length in sizes:
+        segment = list(range(first, first + length))
+        salient = {(h, i) for h in segment for i in chosen[h]}
+        for f in segment:
+            if not ctx[f]:
+                continue
+            rest = [i for i in range(n) if i not in chosen[f]]
+            score = scores(x[f, rest], k)
+            targets = [(f, rest[j]) for j in sorted(range(len(rest)), key=lambda j: (-score[j], j))[: ctx[f]]]
+            merged = [(h, i) for h in segment for i in range(n) if (h, i) not in salient and (h, i) not in targets]
+            assigned = {t: [] for t in targets}
+            for h, i in merged:
+                best = max(range(len(targets)), key=lambda j: (cosine(x[h, i], x[targets[j]]), -j))
+                assigned[targets[best]].append(x[h, i])
+            for t in targets:
+                members = assigned[t]
+                w = max(1 / (len(members) + 1), beta)
+                mean = torch.stack(members).mean(0) if members else torch.zeros(x.shape[-1])
+                out[t[0] * n + t[1]] = w * x[t] + (1 - w) * mean
+        first += length
+    return out
+
+
 def view_of(x, attention) -> TokenView:
     view = TokenView(index=torch.arange(T * N), grid=(3, 3), image=0, frames=T)
     view.features, view.received_attention = x.reshape(T * N, D), attention.reshape(T * N)
@@ -114,6 +189,41 @@ def test_fastvid_equals_the_transcription(keep, params):
     assert FastVID(**params).count(view, keep) == len(expected) <= keep
     for slot, value in expected.items():
         torch.testing.assert_close(got[slot], value, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "keep,params",
+    [
+        (36, {"segments": 2, "threshold": 0.0}),  # two scenes, each one run of near copies: its last frame keeps all
+        (36, {"segments": 2, "threshold": 0.0, "ignore": 1.01, "period": 2}),  # every frame its own run, 2 anchors
+        (54, {}),  # eight single-frame segments
+        (27, {"segments": 1, "threshold": -1.0, "ignore": 1.01, "context": 0.6, "beta": 0.3}),
+    ],
+)
+def test_qwen_variant_equals_the_transcription(keep, params):
+    x, attention = planted_video()
+    view = view_of(x, attention)
+    selector = FastVID(variant="qwen2_5_vl", **params)
+    selection = selector.select(view, keep)
+    names = {"segments": "segments", "threshold": "tau", "context": "d", "period": "p", "beta": "beta"}
+    expected = qwen_reference(x, attention, keep, **{names.get(key, key): value for key, value in params.items()})
+    got = dict(zip(selection.keep.tolist(), selection.apply(view.features), strict=True))
+    assert sorted(got) == sorted(expected)
+    assert selector.count(view, keep) == len(expected)
+    for slot, value in expected.items():
+        torch.testing.assert_close(got[slot], value, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen_counts_by_hand():
+    g = torch.nn.functional.normalize(
+        torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]), dim=-1
+    )
+    # one segment of 5 frames, retain 3 per frame: 15 tokens, 6 context, 9 salient; runs [0-1], [2-3], [4]
+    salient, context = qwen_counts(g, [5], per_frame=9, retain=3, d=0.4, period=2, ignore=0.95)
+    # salient 3 per run; context 3 + 3 to runs 0 and 2, counted from the last: runs 2 and 0 (reversed: runs 0, 2)
+    assert salient == [0, 3, 0, 3, 3] and context == [0, 3, 0, 0, 3]
+    salient, context = qwen_counts(g[:1], [1], per_frame=9, retain=3, d=0.4, period=2, ignore=0.95)
+    assert (salient, context) == ([2], [1])  # a one-frame segment: max(int(3 x 0.4), 1) context
 
 
 def test_several_anchors_share_the_segment_tokens():
@@ -148,6 +258,7 @@ def test_keep_all_is_the_identity_and_images_are_refused():
         ({"beta": -0.1}, "beta must be a number in"),
         ({"period": 0}, "period must be an integer >= 1"),
         ({"segments": 2.5}, "segments must be an integer >= 1"),
+        ({"variant": "llava"}, "variant must be one of"),
     ],
 )
 def test_bad_parameters(bad, message):
@@ -181,7 +292,7 @@ def test_fastvid_core_invariants_on_onevision_videos(onevision, budget, count):
 
 def test_fastvid_is_refused_where_no_received_attention():
     with pytest.raises(ValueError, match="fastvid"):
-        vlprune.wrap(VIDEO_FAMILIES["qwen2_5_vl"].build(layers=2), "fastvid", keep=8)
+        vlprune.wrap(VIDEO_FAMILIES["llava_next_video"].build(layers=2), "fastvid", keep=8)
 
 
 def test_presets(onevision):
@@ -193,3 +304,91 @@ def test_presets(onevision):
         run(model, family.inputs(model, SHAPES[:1]))
         assert pruned.plans[0].kept_per_sample == [4]
     assert vlprune.load_config("fastvid-10").stages[0].ratio == 0.1
+
+
+def test_qwen_saliency_is_the_frame_mean_query_attention_of_the_last_block():
+    """Qwen2.5-VL's ``received_attention`` (FastVID's Qwen saliency) against the definition: per temporal patch, the
+    mean query of its patches against the mean key of each 2 x 2 block, softmax, mean over heads, in the tower's last
+    block; the window order undone by matching the merger's outputs to the tower's raster output."""
+    family = VIDEO_FAMILIES["qwen2_5_vl"]
+    model = family.build(layers=2)
+    inputs = family.inputs(model, ((3, 2, ((3, 4, 8),)),), seed=3)
+    visual = model.model.visual
+    attn = visual.blocks[-1].attn
+    grabbed = {}
+
+    def grab(module, args, kwargs):
+        grabbed["hidden"] = args[0] if args else kwargs["hidden_states"]
+        grabbed["cos_sin"] = kwargs["position_embeddings"]
+
+    handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        out = visual(inputs["pixel_values_videos"], grid_thw=inputs["video_grid_thw"])
+    handle.remove()
+    with torch.no_grad():
+        merged = visual.merger(out.last_hidden_state)  # window order
+        raster_of = [int((out.pooler_output - row).abs().sum(-1).argmin()) for row in merged]
+        assert sorted(raster_of) != raster_of  # the tiny tower's windows do reorder the tokens
+        hidden, (cos, sin) = grabbed["hidden"], grabbed["cos_sin"]
+        q, k, _ = attn.qkv(hidden).reshape(hidden.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
+    t, h, w = inputs["video_grid_thw"][0].tolist()
+    n, d = h * w // 4, q.shape[-1]
+    expected = torch.zeros(t * n)
+    for f in range(t):
+        for head in range(attn.num_heads):
+            query = q[f * h * w : (f + 1) * h * w, head].mean(0)
+            logits = [
+                float(query @ k[f * h * w + 4 * u : f * h * w + 4 * u + 4, head].mean(0)) / d**0.5 for u in range(n)
+            ]
+            probs = torch.tensor(logits).softmax(0)
+            for u in range(n):
+                expected[raster_of[f * n + u]] += probs[u] / attn.num_heads
+    seen = []
+    original = FastVID.select
+
+    def spy(self, view, keep):
+        seen.append(view.received_attention.clone())
+        return original(self, view, keep)
+
+    FastVID.select = spy
+    try:
+        with torch.no_grad(), vlprune.wrap(model, "fastvid", ratio=0.5, variant="qwen2_5_vl"):
+            model(**inputs)
+    finally:
+        FastVID.select = original
+    torch.testing.assert_close(seen[0].float().cpu(), expected, rtol=1e-4, atol=1e-6)
+
+
+QWEN_PARAMS = {"segments": 1, "threshold": -1.0, "ignore": 1.01, "variant": "qwen2_5_vl"}  # one segment, frame runs
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen2_vl"])
+def test_qwen_variant_under_the_core_invariants(name, monkeypatch):
+    family = VIDEO_FAMILIES[name]
+    model = family.build(layers=4)
+    run(model, family.inputs(model, DYCOKE_SHAPES["qwen"][:1]))
+    monkeypatch.setitem(TINY_PARAMS, "fastvid", QWEN_PARAMS)
+
+    def count(size) -> int:
+        frames, n = family.frames(size)
+        g = torch.ones(frames, 2) / 2**0.5  # no DySeg cut either way (one segment, threshold -1)
+        return sum(map(sum, qwen_counts(g, [frames], n, int(n * 0.5), 0.4, 4, QWEN_PARAMS["ignore"])))
+
+    check_method(family, model, "fastvid", {"ratio": 0.5}, DYCOKE_SHAPES["qwen"], count)
+
+
+def test_qwen_preset():
+    (stage,) = vlprune.load_config("fastvid-qwen2_5_vl").stages
+    assert (stage.method, stage.ratio, stage.params["variant"], stage.params["ignore"]) == (
+        "fastvid",
+        0.27,
+        "qwen2_5_vl",
+        0.95,
+    )
+    family = VIDEO_FAMILIES["qwen2_5_vl"]
+    model = family.build(layers=2)
+    with torch.no_grad(), vlprune.wrap(model, "fastvid-qwen2_5_vl") as pruned:
+        model(**family.inputs(model, DYCOKE_SHAPES["qwen"][:1]))
+        (kept,) = pruned.plans[0].kept_per_sample
+    assert 0 < kept < 16

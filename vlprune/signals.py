@@ -7,6 +7,7 @@ signal                  value in a :class:`TokenView` (one image's ``n`` candida
 ``cls_attention``       ``{vision_layer: (n,)}`` [CLS]->patch attention, head mean    scoring attention function
 ``received_attention``  ``(n,)`` attention each patch receives in the vision feature  feature layer's q/k projections
                         layer, mean over heads and queries, pooled like the features  (attention-module pre-hook)
+                        (Qwen2/2.5-VL substitute: FastVID's saliency, see the adapter)
 ``llm_attention``       ``{decoder_layer: (n,)}`` last prompt token->token, head mean scoring attention function
 ``incoming_attention``  ``(n,)`` the same row as layer ``L`` itself would compute it   stage layer's q/k projections
                         from its input (``L`` = the stage's layer)
