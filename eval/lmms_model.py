@@ -221,6 +221,7 @@ class VLPrune(lmms):
         if sample:
             extra["temperature"] = temperature
         inputs = self.inputs(contexts, visuals)
+        self._tell(contexts, visuals)
         tokenizer = self.processor.tokenizer
         with torch.no_grad():
             result = self.model.generate(
@@ -261,7 +262,9 @@ class VLPrune(lmms):
             context, continuation, doc_to_visual, doc_id, task, split = request.args
             if callable(continuation):  # a task whose target is a function of the document
                 continuation = continuation(self.task_dict[task][split][doc_id])
-            inputs = self.inputs([context], [self._visuals(doc_to_visual, task, split, doc_id)])
+            visuals = [self._visuals(doc_to_visual, task, split, doc_id)]
+            inputs = self.inputs([context], visuals)
+            self._tell([context], visuals)
             target = tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
             target = target.to(self._device)
             if target.shape[1] == 0:
@@ -281,6 +284,12 @@ class VLPrune(lmms):
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("vlprune's lmms-eval model does not run multi-round generation tasks yet")
+
+    def _tell(self, contexts: list[str], visuals: list[list]) -> None:
+        """Give the wrapped model each request's prompt and its videos' frames (``query_frames`` reads them)."""
+        if self.pruned is not None:
+            videos = [[v for v in request if not hasattr(v, "convert")] for request in visuals]
+            self.pruned.set_query(list(contexts), videos=videos)
 
     def _visuals(self, doc_to_visual, task, split, doc_id) -> list:
         """The doc's visuals: PIL images as RGB, and video file paths read as (T, H, W, 3) frames."""

@@ -218,7 +218,10 @@ def test_no_input_is_left_to_the_model(model):
 
 def test_methods_by_input_kind():
     image, video = vlprune.list_methods("image"), vlprune.list_methods("video")
-    assert video == ["dycoke", "fastvid", "holitom", "prunevid"] and sorted(image + video) == vlprune.list_methods()
+    assert (
+        video == ["dycoke", "fastvid", "holitom", "prunevid", "query_frames"]
+        and sorted(image + video) == vlprune.list_methods()
+    )
     assert all(vlprune.registry.selector_class(m).video for m in video)
     with pytest.raises(ValueError, match="inputs must be None, 'image' or 'video', got 'audio'"):
         vlprune.list_methods("audio")

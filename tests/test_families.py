@@ -180,9 +180,10 @@ def family_greedy(family, model, inputs, plans, steps: int, renumber: bool, back
     )
 
 
-def check_method(family, model, method, budget, shapes, count=None, back=None):
+def check_method(family, model, method, budget, shapes, count=None, back=None, prepare=None):
     """The invariants for ``method`` (or a preset, with ``count(size)`` its kept tokens per input) on ``shapes``;
-    ``back``: the layer of a stage that also compacts the earlier layers' cache."""
+    ``back``: the layer of a stage that also compacts the earlier layers' cache; ``prepare(pruned, samples)`` before
+    the calls on those samples of ``shapes`` (the caller's query)."""
     inputs = family.inputs(model, shapes, seed=2)
     candidates, sizes = family.visual_tokens(model, inputs, shapes)
     before = state(model)
@@ -197,6 +198,8 @@ def check_method(family, model, method, budget, shapes, count=None, back=None):
     else:
         counts = [[count(size) for size in shape[2]] for shape in shapes]
     with vlprune.wrap(model, method, **budget, **TINY_PARAMS.get(method, {})) as pruned:
+        if prepare is not None:
+            prepare(pruned, list(range(len(shapes))))
         logits, tokens = run(model, inputs)
         plans = list(pruned.plans)
         ids = inputs["input_ids"]
@@ -217,6 +220,8 @@ def check_method(family, model, method, budget, shapes, count=None, back=None):
         # a batch equals each prompt alone
         for b in range(len(shapes)):
             one = family.split(inputs, shapes, b)
+            if prepare is not None:
+                prepare(pruned, [b])
             logits1, tokens1 = run(model, one)
             assert torch.equal(pruned.plans[0].keep_visual[0], plans[0].keep_visual[b])
             torch.testing.assert_close(logits[b, -1], logits1[0, -1], rtol=1e-4, atol=1e-5)

@@ -102,6 +102,7 @@ class Pruned:
         self._vision: dict = {}
         self._call: _Call | None = None
         self._session: _Session | None = None
+        self._query: tuple[list, list | None] | None = None
         self._active = False
         caches = [cache for rs in stages if (cache := rs.selector.cache_stage()) is not None]
         self._cache = CacheRestriction(caches[0]) if caches else None  # a decode-time cache stage
@@ -156,6 +157,34 @@ class Pruned:
         self._vision.clear()
         self._call = self._session = None
         self._active = False
+
+    def set_query(self, questions: str | list[str], videos: list | None = None) -> None:
+        """Give the methods that read the ``query`` signal (``query_frames``) the question of each sample and, per
+        sample, its videos' decoded frames (each ``(F, H, W, 3)`` uint8, as :func:`vlprune.video.load_video` returns
+        them), for the forward calls that follow until the next ``set_query``. One question (and one list of videos)
+        serves a batch of one; a list of questions, one per sample."""
+        if isinstance(questions, str):
+            questions = [questions]
+            videos = None if videos is None else [videos]
+        if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
+            raise TypeError(f"questions must be a string or a list of strings, got {questions!r}")
+        if videos is not None:
+            if not isinstance(videos, list) or len(videos) != len(questions):
+                raise ValueError(
+                    f"videos must list, per sample, its videos' frames: {len(questions)} samples, got {videos!r:.80}"
+                )
+            videos = [list(v) if isinstance(v, (list, tuple)) else [v] for v in videos]
+        self._query = (questions, videos)
+
+    def _query_for(self, batch: int):
+        if self._query is None:
+            return None
+        if len(self._query[0]) != batch:
+            raise ValueError(
+                f"set_query gave {len(self._query[0])} question(s) but this call has {batch} sample(s); call "
+                "set_query with one question per sample"
+            )
+        return self._query
 
     @property
     def cache_plans(self) -> list:
@@ -315,6 +344,8 @@ class Pruned:
         names = {name for name, _ in wanted}
         if "frames" in names:
             inputs.spans = frame_spans(self.plans, self._layouts())
+        if "query" in names:
+            inputs.query = self._query_for(rows.shape[0])
         if "hidden" in names:
             inputs.hidden = hidden
         if "normed_hidden" in names:

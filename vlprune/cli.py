@@ -147,6 +147,7 @@ def compare(loaded: Loaded, image, question: str, methods, budget: dict, max_new
     )
     for method in methods:
         with wrap(model, method, **budget, **fitted(method, model)) as pruned:
+            pruned.set_query(question, videos=[] if video is None else [video])  # for query_frames
             answer = loaded.decode(generate(model, inputs, max_new_tokens))
             plan = pruned.plans[-1]
             seconds = prefill_seconds(model, inputs)

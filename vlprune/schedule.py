@@ -141,7 +141,8 @@ class StageInputs:
 
     ``llm`` / ``keys`` / ``incoming`` / ``hidden`` / ``normed``: (B, Lc, ...) tensors; ``text_attention``:
     ``{layer: [(query_rows (t,), head-mean scores (t, Lc), head-max scores (t, Lc)) per sample]}``; ``embeddings``:
-    (B, L0, D) indexed by input row; ``spans``: per sample, :func:`frame_spans` (with ``frames``).
+    (B, L0, D) indexed by input row; ``spans``: per sample, :func:`frame_spans` (with ``frames``); ``query``: the
+    caller's questions and videos per sample (:meth:`vlprune.Pruned.set_query`).
     """
 
     rows: torch.Tensor
@@ -154,6 +155,7 @@ class StageInputs:
     normed: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None
     spans: list[torch.Tensor] | None = None
+    query: tuple[list, list | None] | None = None
 
 
 def _tokenwise(view: TokenView, inputs: StageInputs, b: int, slots: torch.Tensor, rows: torch.Tensor, wanted) -> None:
@@ -201,6 +203,10 @@ def _view(inputs: StageInputs, layout, b: int, j: int, grid, slots, ordinals, te
     view = TokenView(index=local, grid=grid, image=j, frames=layout.frames[j] if layout.frames else 1)
     if inputs.spans is not None and ("frames", None) in wanted:
         view.frame_span = inputs.spans[b][ordinals]
+    if inputs.query is not None and ("query", None) in wanted:
+        questions, videos = inputs.query
+        view.question = questions[b]
+        view.raw_frames = videos[b][j] if videos is not None and j < len(videos[b]) else None
     if ("features", None) in wanted:
         view.all_features = vision["features"][image]
         view.features = view.all_features[local.to(view.all_features.device)]

@@ -32,6 +32,8 @@ signal                  value in a :class:`TokenView` (one image's ``n`` candida
                         tokens merged into each candidate by earlier stages
 ``vision_qkv``          not in a view: each vision attention layer's query, key and   scoring attention function
                         value before the feature layer, streamed to a tower selector
+``query``               ``view.question`` (str) and ``view.raw_frames`` ((F, H, W, 3)  the caller, through
+                        uint8, the video's decoded frames) of the view's sample       :meth:`Pruned.set_query`
 ======================  ==========================================================  ===============================
 
 ``view.text`` is a :class:`TokenView` of the text tokens that follow the image in the prompt (to its end), carrying
@@ -62,7 +64,9 @@ SIGNALS = (
     "grid",
     "frames",
     "vision_qkv",
+    "query",
 )
+CORE = ("query",)  # given by the caller through the handle, whatever the model
 LAYERED = ("cls_attention", "llm_attention", "text_attention", "llm_keys")  # keyed by a layer
 # captured in the vision forward
 VISION = ("features", "cls_attention", "received_attention", "vision_hidden", "vision_keys", "projector")
@@ -131,6 +135,8 @@ class TokenView:
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
     text: TokenView | None = None
     frame_span: torch.Tensor | None = None
+    question: str | None = None
+    raw_frames: object | None = None
 
     @property
     def n(self) -> int:

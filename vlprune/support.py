@@ -4,6 +4,7 @@ signals (``Adapter.signals``), never written by hand. ``python -m vlprune.suppor
 from __future__ import annotations
 
 from .registry import adapter_class, create_selector, list_methods, list_models
+from .signals import CORE
 
 DEPTH = 24  # a vision depth every default request fits (LLaVA-1.5's CLIP)
 
@@ -12,7 +13,7 @@ def missing_signals(selector, signals: dict[str, str], layer: int | None = None)
     """The signals ``selector`` requests (at ``layer``, by default its default layer) that are not among a family's
     ``signals``."""
     layer = selector.default_layer if layer is None else layer
-    return sorted({r.name for r in selector.requests(layer, DEPTH)} - set(signals))
+    return sorted({r.name for r in selector.requests(layer, DEPTH)} - set(signals) - set(CORE))
 
 
 def support(method: str, model_type: str) -> str:
@@ -21,7 +22,7 @@ def support(method: str, model_type: str) -> str:
     signals = adapter_class(model_type).signals
     if missing_signals(selector, signals):
         return "no"
-    states = [signals[r.name] for r in selector.requests(selector.default_layer, DEPTH)]
+    states = [signals.get(r.name, "yes") for r in selector.requests(selector.default_layer, DEPTH)]
     return "substitute" if any(state != "yes" for state in states) else "yes"
 
 

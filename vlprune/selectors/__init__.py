@@ -12,6 +12,7 @@ from . import (  # noqa: F401  (registration)
     pdrop,
     pool,
     prunevid,
+    query_frames,
     random,
     sparsevlm,
     uniform,
