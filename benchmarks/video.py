@@ -6,7 +6,8 @@ frames of 196 tokens), and the prefill speed-up on a LLaVA-OneVision-architectur
 
 Decisions: the selector sees one video's features (random values at ``--width``, every other position static over
 time with a little noise, as temporal methods expect) in (frames, 14 x 14) layout and keeps ``--ratio`` of its
-tokens. Time is the median over ``--repeats`` runs after a warm-up; peak extra memory is the rise of the process's
+tokens (``query_frames``: random 384 px decoded frames and a question, CLIP ViT-B-32 with random weights). Time
+is the median over ``--repeats`` runs after a warm-up; peak extra memory is the rise of the process's
 peak resident memory during the decision (Linux ``/proc/self/clear_refs``), or of CUDA's peak allocation with
 ``--device cuda``. Prefill: the whole forward (vision tower, projector, 2 x 2 pooling, decoder,
 ``logits_to_keep=1``) of one prompt with a video of ``--prefill-frames`` frames at 384 px (196 tokens each), unpruned
@@ -33,6 +34,15 @@ from vlprune.registry import create_selector  # noqa: E402
 from vlprune.signals import TokenView  # noqa: E402
 
 SIDE = 14  # tokens per frame side: 196 per frame (LLaVA-OneVision after its 2 x 2 pooling)
+PARAMS = {"query_frames": {"pretrained": None}}  # ViT-B-32 with random weights: the same cost, no download
+QUESTION = "what does the person in the video do after opening the door ?"
+
+
+def decoded_frames(frames: int, side: int = 384):
+    """Random decoded frames (frames, side, side, 3) uint8, for methods reading the ``query`` signal."""
+    return torch.randint(0, 256, (frames, side, side, 3), dtype=torch.uint8, generator=torch.Generator()).numpy()
+
+
 IMAGE_METHODS = ["divprune", "dart", "random", "uniform", "pool"]  # pre-LLM or feature-only image methods
 
 
@@ -72,12 +82,14 @@ def video_view(selector, frames: int, width: int, device: str) -> TokenView:
             view.text.llm_keys[r.layer] = torch.randn(32, width, generator=g).to(device)
         elif r.name == "llm_attention":
             view.llm_attention[r.layer] = torch.rand(n, generator=g).to(device)
+        elif r.name == "query":
+            view.question, view.raw_frames = QUESTION, decoded_frames(frames)
     return view
 
 
 def decision_cost(method: str, frames: int, args) -> tuple[float, int]:
     """(median seconds, peak extra bytes) of one decision on a video of ``frames`` frames."""
-    selector = create_selector(method)
+    selector = create_selector(method, **PARAMS.get(method, {}))
     view = video_view(selector, frames, args.width, args.device)
     keep = round(args.ratio * view.n)
     cuda = args.device == "cuda"
@@ -186,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     for method in methods:
         if vlprune.support_table()[method]["llava_onevision"] == "no":
             continue
-        with vlprune.wrap(model, method, ratio=args.ratio):  # each method at its own default layer
+        with vlprune.wrap(model, method, ratio=args.ratio, **PARAMS.get(method, {})) as pruned:  # default layer
+            pruned.set_query(QUESTION, videos=[decoded_frames(args.prefill_frames)])
             seconds, flops = median_time(model, inputs, args.repeats), prefill_flops(model, inputs)
         print(f"{method:<12}{seconds:>10.3f}{base_time / seconds:>10.2f}{flops / base_flops:>12.3f}")
 

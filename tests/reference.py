@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from transformers.masking_utils import create_causal_mask
 
@@ -201,6 +203,23 @@ def greedy(
     # like generate: a sequence that produced EOS continues with padding
     done = (new == eos).long().cumsum(1) - (new == eos).long() > 0
     return new.masked_fill(done, pad)
+
+
+@contextmanager
+def seen_views(selector_class, attribute: str):
+    """Within the block, every ``select`` of ``selector_class`` records a copy of its view's ``attribute`` in the
+    list this yields."""
+    seen, original = [], selector_class.select
+
+    def spy(self, view, keep):
+        seen.append(getattr(view, attribute).clone())
+        return original(self, view, keep)
+
+    selector_class.select = spy
+    try:
+        yield seen
+    finally:
+        selector_class.select = original
 
 
 def state(model) -> dict:

@@ -16,6 +16,7 @@ from vlprune.selectors.fastvid import FastVID, anchor_counts, qwen_counts
 from vlprune.signals import TokenView
 
 from families import VIDEO_FAMILIES
+from reference import seen_views
 from test_methods import TINY_PARAMS
 
 T, N, D = 8, 9, 16  # frames, tokens per frame (3 x 3), width
@@ -77,17 +78,24 @@ def reference(x, attention, keep, segments=8, tau=0.9, d=0.4, p=4, beta=0.6, k=4
             order = sorted(range(len(others[f])), key=lambda j: (-score[f][j], j))[: count[f]]
             targets = [(f, others[f][j]) for j in order]
             joined = [(h, i) for h in (segment if length > 1 else [f]) for i in others[h]]
-            assigned = {t: [] for t in targets}
-            for h, i in joined:
-                best = max(range(len(targets)), key=lambda j: (cosine(x[h, i], x[targets[j]]), -j))
-                assigned[targets[best]].append(x[h, i])
-            for t in targets:
-                members = assigned[t]
-                w = max(1 / (len(members) + 1), beta)
-                mean = torch.stack(members).mean(0) if members else torch.zeros(x.shape[-1])
-                out[t[0] * n + t[1]] = w * x[t] + (1 - w) * mean
+            merge_into(x, targets, joined, beta, out)
         first += length
     return out
+
+
+def merge_into(x, targets, joined, beta, out) -> None:
+    """DTM by hand: each ``(frame, token)`` of ``joined`` to its most cosine-similar target; ``out[slot]`` of each
+    target ``w target + (1 - w) mean(its tokens)``, ``w = max(1 / (m + 1), beta)``."""
+    n = x.shape[1]
+    assigned = {t: [] for t in targets}
+    for h, i in joined:
+        best = max(range(len(targets)), key=lambda j: (cosine(x[h, i], x[targets[j]]), -j))
+        assigned[targets[best]].append(x[h, i])
+    for t in targets:
+        members = assigned[t]
+        w = max(1 / (len(members) + 1), beta)
+        mean = torch.stack(members).mean(0) if members else torch.zeros(x.shape[-1])
+        out[t[0] * n + t[1]] = w * x[t] + (1 - w) * mean
 
 
 def qwen_reference(x, attention, keep, segments=8, tau=0.9, d=0.4, p=4, beta=0.6, k=4, ignore=0.95):
@@ -150,15 +158,7 @@ def qwen_reference(x, attention, keep, segments=8, tau=0.9, d=0.4, p=4, beta=0.6
             score = scores(x[f, rest], k)
             targets = [(f, rest[j]) for j in sorted(range(len(rest)), key=lambda j: (-score[j], j))[: ctx[f]]]
             merged = [(h, i) for h in segment for i in range(n) if (h, i) not in salient and (h, i) not in targets]
-            assigned = {t: [] for t in targets}
-            for h, i in merged:
-                best = max(range(len(targets)), key=lambda j: (cosine(x[h, i], x[targets[j]]), -j))
-                assigned[targets[best]].append(x[h, i])
-            for t in targets:
-                members = assigned[t]
-                w = max(1 / (len(members) + 1), beta)
-                mean = torch.stack(members).mean(0) if members else torch.zeros(x.shape[-1])
-                out[t[0] * n + t[1]] = w * x[t] + (1 - w) * mean
+            merge_into(x, targets, merged, beta, out)
         first += length
     return out
 
@@ -344,19 +344,9 @@ def test_qwen_saliency_is_the_frame_mean_query_attention_of_the_last_block():
             probs = torch.tensor(logits).softmax(0)
             for u in range(n):
                 expected[raster_of[f * n + u]] += probs[u] / attn.num_heads
-    seen = []
-    original = FastVID.select
-
-    def spy(self, view, keep):
-        seen.append(view.received_attention.clone())
-        return original(self, view, keep)
-
-    FastVID.select = spy
-    try:
-        with torch.no_grad(), vlprune.wrap(model, "fastvid", ratio=0.5, variant="qwen2_5_vl"):
+    with torch.no_grad(), seen_views(FastVID, "received_attention") as seen:
+        with vlprune.wrap(model, "fastvid", ratio=0.5, variant="qwen2_5_vl"):
             model(**inputs)
-    finally:
-        FastVID.select = original
     torch.testing.assert_close(seen[0].float().cpu(), expected, rtol=1e-4, atol=1e-6)
 
 

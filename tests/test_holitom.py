@@ -16,6 +16,7 @@ from vlprune.selectors.holitom import HoliTom, largest_remainder
 from vlprune.signals import TokenView
 
 from families import FAMILIES, VIDEO_FAMILIES
+from reference import seen_views
 from test_methods import TINY_PARAMS
 
 T, N, D = 6, 9, 16  # frames, tokens per frame (3 x 3), width
@@ -175,19 +176,8 @@ def test_received_attention_is_the_feature_layers_mean_received_attention_pooled
     family = VIDEO_FAMILIES["llava_onevision"]
     model = family.build(layers=2)
     inputs = family.inputs(model, video_shapes(family, DYCOKE_SHAPES)[:1], seed=3)
-    seen = []
-    original = HoliTom.select
-
-    def spy(self, view, keep):
-        seen.append(view.received_attention.clone())
-        return original(self, view, keep)
-
-    HoliTom.select = spy
-    try:
-        with vlprune.wrap(model, "holitom", keep=6):
-            run(model, inputs)
-    finally:
-        HoliTom.select = original
+    with seen_views(HoliTom, "received_attention") as seen, vlprune.wrap(model, "holitom", keep=6):
+        run(model, inputs)
     pixels = inputs["pixel_values_videos"]
     frames = pixels.flatten(0, 1)
     tower = model.model.vision_tower
