@@ -45,15 +45,22 @@ def scores(rows: torch.Tensor, k: int) -> list[float]:
     return [delta[i] * density[i] for i in range(m)]
 
 
-def reference(x, attention, keep, segments=8, tau=0.9, d=0.4, p=4, beta=0.6, k=4) -> dict[int, torch.Tensor]:
-    """The release's pruning of one video: ``{slot: value}`` of the tokens it hands to the LLM."""
-    frames, n = attention.shape
+def dyseg_by_hand(x, segments: int, tau: float) -> tuple[list[float], list[int]]:
+    """Consecutive frames' similarities (frame means) and DySeg's segment sizes: cuts at the ``segments - 1`` lowest
+    and wherever below ``tau``."""
+    frames = x.shape[0]
     g = x.mean(1)
     sim = [cosine(g[t], g[t + 1]) for t in range(frames - 1)]
     lowest = sorted(range(frames - 1), key=lambda t: (sim[t], t))[: segments - 1]
     cuts = sorted(set(lowest) | {t for t in range(frames - 1) if sim[t] < tau})
     bounds = [-1, *cuts, frames - 1]
-    sizes = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+    return sim, [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def reference(x, attention, keep, segments=8, tau=0.9, d=0.4, p=4, beta=0.6, k=4) -> dict[int, torch.Tensor]:
+    """The release's pruning of one video: ``{slot: value}`` of the tokens it hands to the LLM."""
+    frames, n = attention.shape
+    sim, sizes = dyseg_by_hand(x, segments, tau)
     retain = int(n * (keep / (frames * n)))
     salient = retain - int(retain * d)
     context = retain - salient
@@ -101,12 +108,7 @@ def merge_into(x, targets, joined, beta, out) -> None:
 def qwen_reference(x, attention, keep, segments=8, tau=0.9, d=0.4, p=4, beta=0.6, k=4, ignore=0.95):
     """The Qwen2.5-VL release's pruning of one video, loop by loop: ``{slot: value}``."""
     frames, n = attention.shape
-    g = x.mean(1)
-    sim = [cosine(g[t], g[t + 1]) for t in range(frames - 1)]
-    lowest = sorted(range(frames - 1), key=lambda t: (sim[t], t))[: segments - 1]
-    cuts = sorted(set(lowest) | {t for t in range(frames - 1) if sim[t] < tau})
-    bounds = [-1, *cuts, frames - 1]
-    sizes = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+    sim, sizes = dyseg_by_hand(x, segments, tau)
     retain = int(n * (keep / (frames * n)))
     sal, ctx, start = [], [], 0
     for length in sizes:
