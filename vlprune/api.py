@@ -28,6 +28,7 @@ from . import compaction
 from .attention import ensure_registered, last_query_attention, repeated_keys, text_attention
 from .config import PruneConfig, build_config
 from .decode_cache import CacheRestriction
+from .decoding import Decoding
 from .hooks import HookSet
 from .plan import KeepPlan
 from .registry import adapter_class
@@ -68,7 +69,7 @@ class _Session:
     cache_back: int = 0  # a stage at this layer drops its tokens from the earlier layers' cache after the prefill
 
 
-class Pruned:
+class Pruned(Decoding):
     """Handle returned by :func:`wrap`. Use as a context manager or call :meth:`unwrap`.
 
     Attributes
@@ -254,29 +255,6 @@ class Pruned:
         self._call = None
         return None
 
-    def _compact_earlier_cache(self, cache) -> None:
-        """After a prefill whose stage at ``cache_back`` asks for it: the layers before it keep in their cache only
-        the tokens that stage kept, and decode as its layers do."""
-        session = self._session
-        target = session.layer_segment[session.cache_back]
-        if cache is not None:
-            for layer in range(session.cache_back):
-                segment = session.layer_segment.get(layer)
-                full = torch.arange(session.full_length, device=target.rows.device).expand(target.rows.shape[0], -1)
-                rows = segment.rows.to(full.device) if segment is not None else full
-                compaction.compact_cache_layer(cache, layer, rows, target.rows)
-        for layer in range(session.cache_back):
-            session.layer_segment[layer] = target
-
-    def _decode_mask2d(self, segment: compaction.Segment, new: int) -> torch.Tensor:
-        """2-D mask of a segment's layers while decoding: the segment's own slots, then the ``new`` columns."""
-        call = self._call
-        if call.attention_mask is not None:
-            tail = call.attention_mask[:, -new:].to(dtype=torch.bool, device=segment.mask.device)
-        else:
-            tail = segment.mask.new_ones(segment.mask.shape[0], new)
-        return torch.cat([segment.mask, tail], dim=1)
-
     def _on_language_model(self, module, args, kwargs):
         if self._in_prefill:
             self._call.embeddings = kwargs.get("inputs_embeds")
@@ -334,9 +312,9 @@ class Pruned:
                 if (name, key) not in wanted:
                     continue
                 if name == "text_attention":
-                    inputs.text_attention[key] = [
-                        (queries, *(s[:, _slots_of(old_rows[b], rows[b], s.shape[1])] for s in scores))
-                        for b, (queries, *scores) in enumerate(value)
+                    inputs.text_attention[key] = [  # (t, L) per sample: its slots are the columns
+                        (queries, *(compaction.align(s.T[None], old_rows[b : b + 1], rows[b : b + 1])[0].T for s in v))
+                        for b, (queries, *v) in enumerate(value)
                     ]
                 else:
                     target = inputs.llm if name == "llm_attention" else inputs.keys
@@ -432,57 +410,6 @@ class Pruned:
         else:
             kwargs["hidden_states"] = hidden
         return args, kwargs
-
-    def _decode_layer(self, layer: int, args, kwargs):
-        segment = self._session.layer_segment.get(layer) if self._session else None
-        cache = self._cache
-        scored = cache is not None and layer == cache.layer - 1
-        restricted = cache is not None and layer >= cache.layer and cache.ready
-        if segment is None and not (scored or restricted):
-            return None
-        call = self._call
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if segment is not None:
-            new = call.cache.get_seq_length(layer) + hidden.shape[1] - segment.length  # decoded so far + this call
-            mask2d = self._decode_mask2d(segment, new)
-        elif call.attention_mask is not None:
-            mask2d = call.attention_mask.to(torch.bool)
-        else:
-            mask2d = torch.ones(hidden.shape[0], call.cache.get_seq_length(layer) + hidden.shape[1], dtype=torch.bool)
-        if scored:
-            call.cache_key_mask = mask2d
-            if segment is None:
-                return None
-        if restricted:
-            if call.cache_keep is None:  # decided once per step, at the first restricted layer
-                rows = segment.rows if segment is not None else None
-                call.cache_keep = cache.keep(call.cache_scores, rows, mask2d.shape[1])
-            mask2d = mask2d.to(hidden.device) & call.cache_keep.to(hidden.device)
-        key = (id(segment), compaction.layer_kind(self.adapter.text_config, layer), restricted)
-        if key not in call.masks:
-            call.masks[key] = compaction.build_mask(
-                self.adapter.text_config, layer, hidden, mask2d, call.cache, kwargs.get("position_ids")
-            )
-        kwargs["attention_mask"] = call.masks[key]
-        if self._renumber and segment is not None:
-            if id(segment) not in call.positions:
-                position_ids = kwargs["position_ids"] - segment.shift[:, None].to(kwargs["position_ids"].device)
-                call.positions[id(segment)] = (position_ids, self.adapter.rotary(hidden, position_ids))
-            position_ids, embeddings = call.positions[id(segment)]
-            kwargs["position_ids"] = position_ids
-            kwargs["position_embeddings"] = embeddings
-        return args, kwargs
-
-    def _cache_scorer(self, module, query, key, value, kwargs):
-        mask = self._call.cache_key_mask
-        mask = None if mask is None else mask.to(device=key.device)
-        self._call.cache_scores = last_query_attention(query.detach(), key.detach(), kwargs.get("scaling"), mask)
-
-
-# --- public functions ------------------------------------------------------------------------------------------
-def _slots_of(old_rows: torch.Tensor, new_rows: torch.Tensor, length: int) -> torch.Tensor:
-    """Index into slots laid on ``old_rows`` of each of ``new_rows`` (one sample; each new row is an old one)."""
-    return torch.searchsorted(old_rows.contiguous(), new_rows.contiguous()).clamp(max=length - 1)
 
 
 def _find_handle(model: nn.Module) -> Pruned | None:
