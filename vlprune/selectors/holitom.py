@@ -47,7 +47,7 @@ from ..registry import register_selector
 from ..signals import SignalRequest, TokenView
 from ..temporal import holitom_windows, static_positions, transition_similarity
 from .base import Selection, Selector, check_params, top_k, whole_video
-from .sparsevlm import dpc_knn
+from .sparsevlm import ascending_clusters
 
 
 def largest_remainder(quotas: list[float], caps: list[int], total: int) -> list[int]:
@@ -71,17 +71,13 @@ def cluster_merge(x: torch.Tensor, clusters: int, k: int, beta: float) -> tuple[
     neighbours). Returns ``(centres, into, weight)``: the centre rows (ascending), and for every row the centre
     (index into ``centres``) it goes to and its weight, so that output ``c`` is ``beta * x[centre] + (1 - beta) *
     mean(x[members])`` (``x[centre]`` alone without members)."""
-    centres, assignment = dpc_knn(x, clusters, k=min(k, clusters))
-    order = torch.argsort(centres)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(clusters)
-    into = rank[assignment]  # output of each row, centres ascending
+    centres, into = ascending_clusters(x, clusters, min(k, clusters))  # into: each row's output
     is_centre = torch.zeros(x.shape[0], dtype=torch.bool)
     is_centre[centres] = True
     members = torch.bincount(into[~is_centre], minlength=clusters).float()[into]  # per row: its output's members
     centre_weight = torch.where(members > 0, torch.full_like(members, beta), torch.ones_like(members))
     weight = torch.where(is_centre, centre_weight, (1 - beta) / members.clamp(min=1))
-    return centres[order], into, weight
+    return centres, into, weight
 
 
 @register_selector("holitom")

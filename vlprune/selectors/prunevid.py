@@ -43,7 +43,7 @@ from ..signals import SignalRequest, TokenView
 from ..temporal import label_segments, refine_runs
 from .base import Selection, Selector, check_params, top_k, whole_video
 from .holitom import largest_remainder
-from .sparsevlm import dpc_knn
+from .sparsevlm import ascending_clusters, dpc_knn
 
 
 def prunevid_segments(frames: torch.Tensor, clusters: int, k: int) -> list[tuple[int, int]]:
@@ -148,11 +148,7 @@ class PruneVid(Selector):
         (index into ``centres``); every row its own cluster when ``clusters`` covers them all."""
         if clusters >= x.shape[0]:
             return torch.arange(x.shape[0]), torch.arange(x.shape[0])
-        centres, assignment = dpc_knn(x, clusters, self.k)
-        order = torch.argsort(centres)
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(clusters)
-        return centres[order], rank[assignment]
+        return ascending_clusters(x, clusters, self.k)
 
     @staticmethod
     def _emit(keep_slots, into, weight, slots, sources, member) -> None:

@@ -51,6 +51,16 @@ def dpc_knn(x: torch.Tensor, clusters: int, k: int) -> tuple[torch.Tensor, torch
     return centres, assignment
 
 
+def ascending_clusters(x: torch.Tensor, clusters: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`dpc_knn` with the centres in ascending row order: ``(centres, assignment)``, ``assignment[i]`` the index
+    into ``centres`` of row ``i``'s cluster."""
+    centres, assignment = dpc_knn(x, clusters, k)
+    order = torch.argsort(centres)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(clusters)
+    return centres[order], rank[assignment]
+
+
 @register_selector("sparsevlm")
 @dataclass
 class SparseVLM(Selector):
