@@ -286,10 +286,12 @@ class VLPrune(lmms):
         raise NotImplementedError("vlprune's lmms-eval model does not run multi-round generation tasks yet")
 
     def _tell(self, contexts: list[str], visuals: list[list]) -> None:
-        """Give the wrapped model each request's prompt and its videos' frames (``query_frames`` reads them)."""
+        """Give the wrapped model each request's prompt and its videos' frames (``query_frames`` reads them), and
+        which of its visuals are videos of how many frames (InternVL's prompts do not say)."""
         if self.pruned is not None:
-            videos = [[v for v in request if not hasattr(v, "convert")] for request in visuals]
+            videos = [[v for v in request if _is_video(v)] for request in visuals]
             self.pruned.set_query(list(contexts), videos=videos)
+            self.pruned.set_videos([[len(v) if _is_video(v) else None for v in request] for request in visuals])
 
     def _visuals(self, doc_to_visual, task, split, doc_id) -> list:
         """The doc's visuals: PIL images as RGB, and video file paths read as (T, H, W, 3) frames."""

@@ -214,6 +214,10 @@ class Adapter:
                     f"call cover {len(value)}; pass pixel_values to the wrapped model so vlprune sees them"
                 )
 
+    def check_frames(self, store: dict, layouts: list) -> None:
+        """Raise if a method reading ``frames`` cannot be told this call's videos (families whose prompts do not mark
+        them wait for :meth:`vlprune.Pruned.set_videos`)."""
+
     def why_not(self, signals: list[str]) -> str:
         """Why this family cannot provide ``signals`` (not in :attr:`signals`), for error messages."""
         return "not implemented for this family"

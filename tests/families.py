@@ -463,6 +463,50 @@ class Qwen3VLVideo(QwenVideo, Qwen3VL):
         return [i for _ in range(t) for i in _text(g, 2) + [VSTART] + [self.token] * (h * w // 4) + [VEND]]
 
 
+class InternVLVideo(InternVL):
+    """InternVL videos as its processor writes them: each frame a one-tile image run after its own text (``Frame1:
+    <img> 16 tokens </img>``). A ``size`` is a frame count, or ``(n,)`` for an image of ``n`` tiles in between; the
+    caller says which runs are frames with :meth:`hint`."""
+
+    def inputs(self, model, shapes, seed=0) -> dict:
+        prompts, tiles = [], 0
+        for i, (before, after, sizes) in enumerate(shapes):
+            g = torch.Generator().manual_seed(seed + i)
+            ids = [1] + _text(g, before)
+            for size in sizes:
+                runs = 1 if isinstance(size, tuple) else size
+                for _ in range(runs):
+                    ids += _text(g, 0 if isinstance(size, tuple) else 2)
+                    ids += [VSTART] + [IMAGE] * (16 * (size[0] if isinstance(size, tuple) else 1)) + [VEND]
+                ids += _text(g, after)
+                tiles += size[0] if isinstance(size, tuple) else size
+            prompts.append(ids)
+        ids, mask = batch(prompts)
+        g = torch.Generator().manual_seed(1000 + seed)
+        return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(tiles, 3, 112, 112, generator=g))
+
+    @staticmethod
+    def hint(shapes):
+        """``prepare(pruned, samples)`` for :func:`test_families.check_method`: set_videos for those samples."""
+
+        def prepare(pruned, samples):
+            pruned.set_videos([[None if isinstance(s, tuple) else s for s in shapes[b][2]] for b in samples])
+
+        return prepare
+
+    def tokens(self, size) -> int:
+        return 16 * (size[0] if isinstance(size, tuple) else size)
+
+    def frames(self, size) -> tuple[int, int]:
+        return (1, 16 * size[0]) if isinstance(size, tuple) else (size, 16)
+
+    def split(self, inputs, shapes, b: int) -> dict:
+        tiles = [sum(s[0] if isinstance(s, tuple) else s for s in shape[2]) for shape in shapes]
+        one = self._one(inputs, b)
+        one["pixel_values"] = inputs["pixel_values"][sum(tiles[:b]) : sum(tiles[: b + 1])]
+        return one
+
+
 FAMILIES = {
     f.name: f
     for f in (Llava(), Qwen2VL(), Qwen25VL(), Qwen3VL(), InternVL(), LlavaNext(), LlavaNextVideo(), LlavaOnevision())

@@ -12,7 +12,7 @@ from test_video import moving_square, write_video
 from vlprune import cli
 
 from families import VIDEO
-from tiny import save_tiny_onevision
+from tiny import save_tiny_internvl, save_tiny_onevision
 
 FRAMES, PER_FRAME = 8, 4
 
@@ -185,3 +185,37 @@ def test_lmms_eval_model_answers_video_docs_as_the_cli_does(checkpoint, video, c
         embedded_lm.generate_until(requests[:1])
     with pytest.raises(ValueError, match="max_frames_num=0 must be a positive integer"):
         VLPrune(max_frames_num=0)
+
+
+def test_internvl_videos_through_the_cli_and_the_lmms_eval_model(tmp_path, video, capsys):
+    """InternVL's processor writes each frame as an image of its own; the CLI and the lmms-eval model say which
+    (``set_videos``), so temporal methods see one video of ``frames x 4 x 4`` tokens, and both answer alike."""
+    from lmms_eval.api.instance import Instance
+
+    from vlprune.eval.lmms_model import VLPrune
+    from vlprune.video import load_video
+
+    checkpoint = save_tiny_internvl(tmp_path / "tiny-internvl")
+    argv = ["run", "--video", video, "--frames", str(FRAMES), "--model", checkpoint, "--question", "what moves ?"]
+    assert cli.main([*argv, "--methods", "uniform,dycoke,prunevid", "--keep", "40", "--max-new-tokens", "3"]) == 0
+    printed = capsys.readouterr().out.splitlines()[2:]
+    kept = {line.split()[0]: next(w for w in line.split() if re.fullmatch(r"\d+/\d+", w)) for line in printed}
+    total = FRAMES * 16
+    assert kept == {"unpruned": f"{total}/{total}", "uniform": f"40/{total}", "dycoke": f"40/{total}"} | {
+        "prunevid": kept["prunevid"]
+    }
+    assert int(kept["prunevid"].split("/")[0]) <= 40
+    lm = VLPrune(pretrained=checkpoint, method="dycoke", keep=40, max_frames_num=FRAMES, max_new_tokens=3)
+    lm.task_dict = {"clips": {"test": [{"video": video}]}}
+    request = Instance(
+        "generate_until",
+        ("what moves ?", {"until": []}, lambda doc: [doc["video"]], 0, "clips", "test"),
+        idx=0,
+        metadata={"task": "clips", "doc_id": 0, "repeats": 1},
+    )
+    answers = lm.generate_until([request])
+    assert lm.pruned.plans[-1].grids == [[(FRAMES, 4, 4)]]
+    lm.clean()
+    frames = load_video(video, num_frames=FRAMES).frames
+    expected = cli.compare(cli.load(checkpoint), None, "what moves ?", ["dycoke"], {"keep": 40}, 3, video=frames)
+    assert answers == [expected[1].answer]

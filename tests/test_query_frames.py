@@ -16,7 +16,7 @@ import vlprune
 from vlprune.selectors.query_frames import QueryFrames, clip_relevance, frame_budgets, load_clip
 from vlprune.signals import TokenView
 
-from families import VIDEO_FAMILIES
+from families import VIDEO_FAMILIES, InternVLVideo
 from test_methods import TINY_PARAMS
 
 CLIP = {"clip": "vlprune-tiny-clip", "pretrained": None}
@@ -72,6 +72,7 @@ def view_of(frames: int, seed: int = 1) -> TokenView:
     g = torch.Generator().manual_seed(seed)
     view = TokenView(index=torch.arange(frames * 9), grid=(3, 3), image=0, frames=frames)
     view.features = torch.randn(frames * 9, 8, generator=g)
+    view.cls_attention = {None: torch.rand(frames * 9, generator=g)}
     view.question, view.raw_frames = QUESTION, frames_of(2 * frames, seed)
     return view
 
@@ -95,7 +96,7 @@ def test_alone_keeps_the_most_relevant_patches_of_each_frames_budget():
     assert sorted(kept.tolist()) == sorted(expected) and len(expected) == 12
 
 
-@pytest.mark.parametrize("then", ["divprune", "pool", "uniform"])
+@pytest.mark.parametrize("then", ["divprune", "pool", "uniform", "fastervlm"])
 def test_then_an_image_method_chooses_within_each_frame(then):
     view = view_of(4)
     selector = QueryFrames(then=then, **CLIP)
@@ -108,6 +109,7 @@ def test_then_an_image_method_chooses_within_each_frame(then):
     for f, b in enumerate(budgets):
         sub = TokenView(index=torch.arange(9), grid=(3, 3), image=0)
         sub.features = view.features[f * 9 : (f + 1) * 9]
+        sub.cls_attention = {None: view.cls_attention[None][f * 9 : (f + 1) * 9]}
         alone = inner.select(sub, b)
         alone = alone.keep if hasattr(alone, "keep") else alone
         assert sorted((keep[keep // 9 == f] % 9).tolist()) == sorted(alone.tolist())
@@ -135,6 +137,25 @@ def test_under_the_core_invariants(video_case, monkeypatch):
     check_method(family, model, "query_frames", {"ratio": 0.5}, shapes, prepare=prepare)
 
 
+def test_then_a_cls_method_on_internvl_videos(monkeypatch):
+    """``then="fastervlm"`` reads InternViT's [CLS] attention of each frame: the core invariants on InternVL videos
+    (two in one prompt included); on LLaVA-OneVision, whose tower has no [CLS], the wrap refuses it."""
+    family = InternVLVideo()
+    model = family.build(layers=4)
+    shapes = ((3, 2, (4,)), (1, 3, (3, 2)), (5, 1, (2,)))
+    run(model, family.inputs(model, shapes[:1]))  # a first call sets lazy attributes the checks compare
+    monkeypatch.setitem(TINY_PARAMS, "query_frames", {**CLIP, "then": "fastervlm"})
+    videos = [[frames_of(size, seed=b + i) for i, size in enumerate(s[2])] for b, s in enumerate(shapes)]
+
+    def prepare(pruned, samples):
+        pruned.set_query([f"{QUESTION} {b}" for b in samples], videos=[videos[b] for b in samples])
+        family.hint(shapes)(pruned, samples)
+
+    check_method(family, model, "query_frames", {"ratio": 0.5}, shapes, prepare=prepare)
+    with pytest.raises(ValueError, match=r"needs \['cls_attention'\], which llava_onevision cannot provide"):
+        vlprune.wrap(VIDEO_FAMILIES["llava_onevision"].build(layers=2), "query_frames", ratio=0.5, then="fastervlm")
+
+
 def test_errors(video_case):
     family, model = video_case
     inputs = family.inputs(model, video_shapes(family, DYCOKE_SHAPES)[:1])
@@ -157,6 +178,9 @@ def test_errors(video_case):
     for bad, kind, match in (
         ({"temperature": 0}, ValueError, "temperature must be > 0"),
         ({"then": "fastv"}, ValueError, "then must be None or one of"),
+        ({"then": "visionzip"}, ValueError, "then must be None or one of"),
+        ({"then_params": {"start_layer": 0}}, ValueError, "need a then= method"),
+        ({"then": "vtc_cls", "then_params": {"start_layr": 0}}, TypeError, "start_layr"),
         ({"clip": ""}, TypeError, "clip must be an open_clip model name"),
     ):
         with pytest.raises(kind, match=match):

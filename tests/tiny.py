@@ -92,18 +92,19 @@ VIDEO_TEMPLATE = (
 )
 
 
-def word_tokenizer(words: list[str], image: int = IMAGE, video: int = 101):
-    """A word-level tokenizer over ``words`` with ``<image>`` / ``<video>`` at the tiny configs' ids, every other id
-    of the tiny vocabulary a filler word (so whatever a random model emits decodes)."""
+def word_tokenizer(words: list[str], image: int = IMAGE, video: int = 101, special=None, names=None):
+    """A word-level tokenizer over ``words`` with ``<image>`` / ``<video>`` at the tiny configs' ids (or the
+    ``special`` tokens and ids, named for the processor by ``names``), every other id of the tiny vocabulary a filler
+    word (so whatever a random model emits decodes)."""
     from vlprune.embedded import word_tokenizer
 
-    vocab = {"<pad>": PAD, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": image, "<video>": video}
+    vocab = {"<pad>": PAD, "<s>": 1, "</s>": 2, "<unk>": 3, **(special or {"<image>": image, "<video>": video})}
     free = (i for i in range(VOCAB) if i not in vocab.values())
     for word in words:
         vocab[word] = next(free)
     for i in free:
         vocab[f"w{i}"] = i
-    return word_tokenizer(vocab, {"image_token": "<image>", "video_token": "<video>"})
+    return word_tokenizer(vocab, names or {"image_token": "<image>", "video_token": "<video>"})
 
 
 def save_tiny_onevision(folder) -> str:
@@ -123,6 +124,30 @@ def save_tiny_onevision(folder) -> str:
         tokenizer=word_tokenizer("what moves in the video ? answer :".split()),
         num_image_tokens=16,
         vision_feature_select_strategy="full",
+        chat_template=VIDEO_TEMPLATE,
+    ).save_pretrained(folder)
+    return str(folder)
+
+
+def save_tiny_internvl(folder) -> str:
+    """Save a tiny random InternVL (2 decoder layers) with a real ``InternVLProcessor`` (112 px single-tile images and
+    frames: 16 tokens each, a video written as one ``<img>`` run per frame) in ``folder``."""
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+
+    from families import VEND, VSTART, InternVLVideo
+
+    model = InternVLVideo().build(layers=2)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = PAD, 2
+    model.save_pretrained(folder)
+    special = {"<IMG_CONTEXT>": IMAGE, "<img>": VSTART, "</img>": VEND, "<video>": 101, "<image>": 104}
+    names = {"image_token": "<image>", "video_token": "<video>", "start_image_token": "<img>"}
+    names.update(end_image_token="</img>", context_image_token="<IMG_CONTEXT>")
+    side = {"height": 112, "width": 112}
+    InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=side, crop_to_patches=False),
+        video_processor=InternVLVideoProcessor(size=side),
+        tokenizer=word_tokenizer("what moves in the video ? answer :".split(), special=special, names=names),
+        image_seq_length=16,
         chat_template=VIDEO_TEMPLATE,
     ).save_pretrained(folder)
     return str(folder)

@@ -104,6 +104,7 @@ class Pruned(Decoding):
         self._call: _Call | None = None
         self._session: _Session | None = None
         self._query: tuple[list, list | None] | None = None
+        self._videos: list[list[int | None]] | None = None
         self._active = False
         caches = [cache for rs in stages if (cache := rs.selector.cache_stage()) is not None]
         self._cache = CacheRestriction(caches[0]) if caches else None  # a decode-time cache stage
@@ -177,6 +178,31 @@ class Pruned(Decoding):
             videos = [list(v) if isinstance(v, (list, tuple)) else [v] for v in videos]
         self._query = (questions, videos)
 
+    def set_videos(self, frames: list | None) -> None:
+        """Say which images of the prompt are video frames, for families whose processor writes each frame as an image
+        of its own (InternVL); the others mark their videos in the prompt and ignore this. ``frames``: per sample, each
+        image (``None``) or video (its frame count) in prompt order, for the forward calls that follow until the next
+        ``set_videos``; a flat list serves a batch of one; ``None`` forgets it.
+
+        Example: ``pruned.set_videos([[None, 16]])``, one sample with an image, then a video of 16 frames."""
+        if frames is None:
+            self._videos = None
+            return
+        if not isinstance(frames, list) or not frames:
+            raise TypeError(f"frames must be a non-empty list (per sample, per image or video), got {frames!r:.80}")
+        if not any(isinstance(f, list) for f in frames):
+            frames = [frames]
+        for sample in frames:
+            ok = isinstance(sample, list) and all(
+                f is None or (isinstance(f, int) and not isinstance(f, bool) and f > 0) for f in sample
+            )
+            if not ok:
+                raise ValueError(
+                    f"frames must list, per sample, None for each image and a positive frame count for each video, "
+                    f"got {frames!r:.80}"
+                )
+        self._videos = [list(sample) for sample in frames]
+
     def _query_for(self, batch: int):
         if self._query is None:
             return None
@@ -219,11 +245,20 @@ class Pruned(Decoding):
             self._call = None  # the model raises its own error
             return None
         if cache is None or cache.get_seq_length() == 0:
+            batch = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[0]
+            if self._videos is not None and len(self._videos) != batch:
+                raise ValueError(
+                    f"set_videos described {len(self._videos)} sample(s) but this call has {batch}; call set_videos "
+                    "with one entry per sample"
+                )
             self.plans = []
             self._session = None
             if self._cache is not None:
                 self._cache.start((input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1])
             visual = self.adapter.visual_mask(input_ids, kwargs.get("inputs_embeds"))
+            self._vision.pop("video_frames", None)  # a failed call may have left its own
+            if self._videos is not None:
+                self._vision["video_frames"] = self._videos
             self._call = _Call(True, mask, cache, visual=visual)
             return None
         self._vision.clear()
@@ -375,6 +410,8 @@ class Pruned(Decoding):
             required = {"decided"}
         layouts = self._layouts()
         self.adapter.check_vision(self._vision, layouts, required)
+        if any(r.name == "frames" for r in stage.requests):
+            self.adapter.check_frames(self._vision, layouts)
         start = _clock(hidden.device)
         keep_slots, merges, plan = decide(stage, self._stage_inputs(stage, layer, hidden), layouts)
         self.selector_seconds += _clock(hidden.device) - start

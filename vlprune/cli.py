@@ -140,7 +140,9 @@ def compare(loaded: Loaded, image, question: str, methods, budget: dict, max_new
     inputs = loaded.inputs(image, question, video=video)
     outcomes = []
     seconds = prefill_seconds(model, inputs)
-    placeholder = model.config.image_token_id if video is None else model.config.video_token_id
+    placeholder = model.config.image_token_id  # InternVL writes video frames as images
+    if video is not None:
+        placeholder = getattr(model.config, "video_token_id", None) or placeholder
     total = int((inputs["input_ids"] == placeholder).sum())
     outcomes.append(
         Outcome("unpruned", loaded.decode(generate(model, inputs, max_new_tokens)), total, total, seconds, None)
@@ -148,6 +150,7 @@ def compare(loaded: Loaded, image, question: str, methods, budget: dict, max_new
     for method in methods:
         with wrap(model, method, **budget, **fitted(method, model)) as pruned:
             pruned.set_query(question, videos=[] if video is None else [video])  # for query_frames
+            pruned.set_videos([None] if video is None else [len(video)])  # for InternVL
             answer = loaded.decode(generate(model, inputs, max_new_tokens))
             plan = pruned.plans[-1]
             seconds = prefill_seconds(model, inputs)

@@ -32,7 +32,9 @@ class SampleLayout:
     placeholders that are always kept and are not candidates (LLaVA-NeXT's row-end newlines); they count neither as
     visual tokens nor as text. For tiled images, ``tile_of`` (n,) gives each visual token's tile within its image and
     ``tile_grids`` per image the token grid of each tile (budgets ``per="tile"``). ``frames`` per image: its frame
-    count (videos; ``None``: every image has one frame, and then ``grids`` are whole images)."""
+    count (videos; ``None``: every image has one frame, and then ``grids`` are whole images). ``video_of`` per image:
+    its ordinal among the sample's videos, ``None`` for an image (``None``: a sample holds images or videos, not both,
+    and the ordinals are the images')."""
 
     positions: torch.Tensor
     image_of: torch.Tensor
@@ -43,6 +45,7 @@ class SampleLayout:
     tile_of: torch.Tensor | None = None
     tile_grids: list[list[tuple[int, int] | None]] | None = None
     frames: list[int] | None = None
+    video_of: list[int | None] | None = None
 
     def units(self, j: int, per: str) -> list[tuple[torch.Tensor | None, tuple[int, int] | None]]:
         """The budget units of image ``j``: ``(tile mask over the sample's visual tokens or None, grid)`` each."""
@@ -81,7 +84,7 @@ def resolve(config: PruneConfig, adapter) -> list[ResolvedStage]:
         if missing:
             why = adapter.why_not(missing)
             if "frames" in missing:  # a video method on a family without video geometry
-                why = "vlprune has no video geometry for it yet (video methods run on Qwen2-VL and Qwen2.5-VL)"
+                why = "vlprune has no video geometry for it yet (vlprune.cli.video_models() lists the families it has)"
             raise ValueError(
                 f"method {stage.method!r} needs {missing}, which {adapter.model_type} cannot provide: {why} "
                 "(see vlprune.support_table())"
@@ -206,7 +209,10 @@ def _view(inputs: StageInputs, layout, b: int, j: int, grid, slots, ordinals, te
     if inputs.query is not None and ("query", None) in wanted:
         questions, videos = inputs.query
         view.question = questions[b]
-        view.raw_frames = videos[b][j] if videos is not None and j < len(videos[b]) else None
+        video = j if layout.video_of is None else layout.video_of[j]
+        view.raw_frames = (
+            videos[b][video] if videos is not None and video is not None and video < len(videos[b]) else None
+        )
     if ("features", None) in wanted:
         view.all_features = vision["features"][image]
         view.features = view.all_features[local.to(view.all_features.device)]

@@ -135,7 +135,8 @@ class PruneVid(Selector):
             centre, member = self._cluster(mean, next(group))
             frames = torch.arange(start, end + 1)[:, None]
             sources = (frames * per_frame + places[None]).flatten()
-            self._emit(keep_slots, into, weight, start * per_frame + places[centre], sources, member.repeat(length))
+            member = None if member is None else member.repeat(length)
+            self._emit(keep_slots, into, weight, start * per_frame + places[centre], sources, member)
             moving = torch.nonzero(~static).flatten()
             for frame in range(start, end + 1):
                 centre, member = self._cluster(x[frame, moving.to(x.device)].float(), next(group))
@@ -145,7 +146,10 @@ class PruneVid(Selector):
 
     def _cluster(self, x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(centres, member)``: the rows of ``x`` that hold the clusters (ascending) and, per row, its cluster
-        (index into ``centres``); every row its own cluster when ``clusters`` covers them all."""
+        (index into ``centres``); every row its own cluster when ``clusters`` covers them all, and ``member``
+        ``None`` when there are none (the budget left the group nothing: its rows are dropped)."""
+        if clusters == 0:
+            return torch.zeros(0, dtype=torch.long), None
         if clusters >= x.shape[0]:
             return torch.arange(x.shape[0]), torch.arange(x.shape[0])
         return ascending_clusters(x, clusters, self.k)
@@ -153,7 +157,9 @@ class PruneVid(Selector):
     @staticmethod
     def _emit(keep_slots, into, weight, slots, sources, member) -> None:
         """Outputs at ``slots``; source ``sources[i]`` goes to output ``member[i]``, each output the plain mean of
-        its sources."""
+        its sources; nothing when ``member`` is ``None``."""
+        if member is None:
+            return
         size = torch.bincount(member, minlength=slots.numel()).float()
         into[sources] = member + len(keep_slots)
         weight[sources] = 1.0 / size[member]

@@ -8,9 +8,12 @@ CLIP text/image model (``open_clip``, extra ``vlprune[clip]``), decides where a 
    slot of the model that covers several decoded frames (Qwen-VL's temporal patches of two) averages them.
 2. **Budget across frames.** Frame ``f`` gets ``keep * softmax(relevance / temperature)_f`` tokens, rounded by largest
    remainder and capped at the frame's tokens (the excess goes to the next most relevant frames).
-3. **Within a frame**, alone: the tokens of highest patch relevance. With ``then="<method>"``, that image method
-   chooses each frame's tokens from its budget instead (methods reading the projected features only: ``divprune``,
-   ``pool``, ``uniform``, ``random``).
+3. **Within a frame**, alone: the tokens of highest patch relevance. With ``then="<method>"`` (and its
+   ``then_params``), that image method chooses each frame's tokens from its budget instead, on a view of the frame's
+   tokens alone: any image method that decides before the LLM from token-wise signals (``divprune``, ``pool``,
+   ``uniform``, ``random``, ``fastervlm``, ``vtc_cls``, ``zoo``), where the model provides its signals on videos
+   (the [CLS] ones: InternVL). Methods inside the LLM (``fastv``, ``dart``, ...) go in a later stage of the schedule
+   instead, after the frames' budgets are spent.
 
 The question and the frames come from the caller: ``pruned.set_query(question, videos=[frames])`` before the forward
 (the CLI, the demo and the lmms-eval model do it). A budget covering every token keeps the video untouched without
@@ -33,7 +36,8 @@ from ..signals import SignalRequest, TokenView
 from .base import Selection, Selector, check_params, top_k, whole_video
 from .holitom import largest_remainder
 
-FEATURE_ONLY = ("divprune", "pool", "uniform", "random")
+TOKENWISE = ("features", "received_attention", "vision_hidden", "vision_keys", "hidden", "normed_hidden", "embeddings")
+PER_LAYER = ("cls_attention",)  # {layer: (n,)}
 
 
 def load_clip(name: str, pretrained: str | None):
@@ -84,17 +88,43 @@ def frame_budgets(relevance: torch.Tensor, keep: int, per_frame: int, temperatur
     return largest_remainder(share.tolist(), [per_frame] * relevance.numel(), keep)
 
 
+def then_methods() -> list[str]:
+    """The image methods ``then`` may name: those deciding before the LLM (layer 0) on the LLM's side of the tower."""
+    from ..registry import list_methods, selector_class
+
+    return [
+        m for m in list_methods("image") if selector_class(m).default_layer == 0 and selector_class(m).space == "llm"
+    ]
+
+
+def frame_view(view: TokenView, rows: torch.Tensor) -> TokenView:
+    """The view of one frame: ``rows`` (a frame's token slots, ascending) of ``view``'s token-wise signals, as an
+    image of ``view.grid``."""
+    sub = TokenView(index=torch.arange(rows.numel()), grid=view.grid, image=view.image)
+    for name in TOKENWISE:
+        value = getattr(view, name)
+        if value is not None:
+            setattr(sub, name, value[rows.to(value.device)])
+    for name in PER_LAYER:
+        setattr(sub, name, {k: v[rows.to(v.device)] for k, v in getattr(view, name).items()})
+    sub.all_features = sub.features
+    sub.cls_hidden, sub.cls_key, sub.project = view.cls_hidden, view.cls_key, view.project
+    return sub
+
+
 @register_selector("query_frames")
 @dataclass
 class QueryFrames(Selector):
     """Query-relevant frames and patches by CLIP (see the module docstring): ``clip`` (an ``open_clip`` model name,
     ``ViT-B-32``), ``pretrained`` (its weights, ``openai``; ``None`` for random weights), ``temperature`` (0.1),
-    ``then`` (an image method choosing within each frame, or ``None`` for patch relevance)."""
+    ``then`` (an image method choosing within each frame, or ``None`` for patch relevance), ``then_params`` (its
+    hyper-parameters)."""
 
     clip: str = "ViT-B-32"
     pretrained: str | None = "openai"
     temperature: float = 0.1
     then: str | None = None
+    then_params: dict = field(default_factory=dict)
     _loaded: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     summary = "Query-relevant frames: CLIP question-frame and question-patch relevance split a video's budget (video)"
@@ -108,14 +138,21 @@ class QueryFrames(Selector):
             raise ValueError(f"query_frames temperature must be > 0, got {self.temperature!r}")
         if not isinstance(self.clip, str) or not self.clip:
             raise TypeError(f"query_frames clip must be an open_clip model name, got {self.clip!r}")
-        if self.then is not None and self.then not in FEATURE_ONLY:
-            raise ValueError(f"query_frames then must be None or one of {FEATURE_ONLY}, got {self.then!r}")
-        self._inner = create_selector(self.then) if self.then is not None else None
+        if not isinstance(self.then_params, dict):
+            raise TypeError(f"query_frames then_params must be a dict, got {self.then_params!r}")
+        allowed = then_methods()
+        if self.then is not None and self.then not in allowed:
+            raise ValueError(f"query_frames then must be None or one of {allowed}, got {self.then!r}")
+        if self.then_params and self.then is None:
+            raise ValueError(f"query_frames then_params {self.then_params} need a then= method")
+        self._inner = create_selector(self.then, **self.then_params) if self.then is not None else None
 
     def requests(self, layer: int, vision_depth: int) -> list[SignalRequest]:
         if layer != 0:
             raise ValueError(f"query_frames decides before the LLM: layer must be 0, got {layer}")
-        return [SignalRequest("features"), SignalRequest("frames"), SignalRequest("query")]
+        own = [SignalRequest("features"), SignalRequest("frames"), SignalRequest("query")]
+        inner = self._inner.requests(0, vision_depth) if self._inner is not None else []
+        return own + [r for r in inner if r not in own]
 
     def relevance(self, view: TokenView) -> tuple[torch.Tensor, torch.Tensor]:
         """Per token slot of ``view``'s video: frame relevance ``(T,)`` and token relevance ``(T, h, w)``."""
@@ -160,9 +197,7 @@ class QueryFrames(Selector):
             if budget == 0:
                 continue
             rows = torch.arange(f * per_frame, (f + 1) * per_frame)
-            sub = TokenView(index=torch.arange(per_frame), grid=view.grid, image=view.image)
-            sub.features = view.features[rows.to(view.features.device)]
-            chosen = self._inner.select(sub, budget)
+            chosen = self._inner.select(frame_view(view, rows), budget)
             if not isinstance(chosen, Selection):
                 chosen = Selection.pruned(chosen)
             offset = len(keep)
