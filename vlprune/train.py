@@ -22,7 +22,8 @@ decoder pass: a fast way to train the vision side further, or to add an auxiliar
 decoder phase: the decoder layers are re-initialised and trained alone on the answers (their own warm-up and cosine
 decay over the steps left), on top of the frozen vision tower, projector and embeddings. That is a way to let a
 fresh decoder learn lookups that an end-to-end run, whose decoder settles on heuristics while the vision side is
-still learning, never finds; the shipped weights were trained end to end (their ``training.json`` has the settings).
+still learning, never finds. The shipped weights: an end-to-end run, then a decoder phase, then that decoder phase
+extended with ``--resume --steps`` (their ``training.json`` has each run's settings and the validation log).
 """
 
 from __future__ import annotations
