@@ -9,7 +9,10 @@ time with a little noise, as temporal methods expect) in (frames, 14 x 14) layou
 tokens (``query_frames``: random 384 px decoded frames and a question, CLIP ViT-B-32 with random weights). Time
 is the median over ``--repeats`` runs after a warm-up; peak extra memory is the rise of the process's
 peak resident memory during the decision (Linux ``/proc/self/clear_refs``), or of CUDA's peak allocation with
-``--device cuda``. Prefill: the whole forward (vision tower, projector, 2 x 2 pooling, decoder,
+``--device cuda``. On the CPU each method's decisions run in a process of their own (memory the allocator kept
+from an earlier method would hide a later one's peak); ``--decisions-only`` is that process's mode.
+
+Prefill: the whole forward (vision tower, projector, 2 x 2 pooling, decoder,
 ``logits_to_keep=1``) of one prompt with a video of ``--prefill-frames`` frames at 384 px (196 tokens each), unpruned
 vs each method at ``--ratio`` (at its default layer), side by side in this process, with the analytic FLOP ratio
 (:class:`vlprune.eval.measure.FlopCount`).
@@ -112,6 +115,24 @@ def decision_cost(method: str, frames: int, args) -> tuple[float, int]:
     return statistics.median(times), extra
 
 
+def decision_row_apart(method: str, argv: list[str]) -> str:
+    """``method``'s decision row, measured by this script in a process of its own (the other options as given)."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:  # drop --methods and its values
+        if a == "--methods":
+            skip = True
+            continue
+        if skip and not a.startswith("--"):
+            continue
+        skip = False
+        rest.append(a)
+    command = [sys.executable, __file__, *rest, "--decisions-only", "--methods", method]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
 def onevision_model(args):
     """A LLaVA-OneVision-architecture random model: SigLIP at 384 px (27 x 27 patches, pooled to 14 x 14 per frame),
     a Qwen2 decoder, at the widths given."""
@@ -171,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vision-layers", type=int, default=2)
     parser.add_argument("--text", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--decisions-only", action="store_true", help="the decision rows alone, in this process")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -179,12 +201,17 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.get_num_threads()} threads")  # fmt: skip
     print(f"{'method':<10}" + "".join(f"{f'{f} fr ({f * SIDE * SIDE} tok)':>28}" for f in args.frames))
     for method in methods:
+        if args.device == "cpu" and not args.decisions_only:  # a fresh process per method: see the docstring
+            print(decision_row_apart(method, argv if argv is not None else sys.argv[1:]), flush=True)
+            continue
         cells = []
         with torch.no_grad():
             for frames in args.frames:
                 seconds, extra = decision_cost(method, frames, args)
                 cells.append(f"{seconds * 1e3:>10.1f} ms {extra / 2**20:>9.1f} MiB")
-        print(f"{method:<10}" + "".join(f"{c:>28}" for c in cells))
+        print(f"{method:<10}" + "".join(f"{c:>28}" for c in cells), flush=True)
+    if args.decisions_only:
+        return
 
     model = onevision_model(args)
     inputs = video_prompt(args.prefill_frames, args.text)

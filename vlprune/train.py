@@ -23,7 +23,7 @@ decoder phase: the decoder layers are re-initialised and trained alone on the an
 decay over the steps left), on top of the frozen vision tower, projector and embeddings. That is a way to let a
 fresh decoder learn lookups that an end-to-end run, whose decoder settles on heuristics while the vision side is
 still learning, never finds. The shipped weights: an end-to-end run, then a decoder phase, then that decoder phase
-extended with ``--resume --steps`` (their ``training.json`` has each run's settings and the validation log).
+extended twice with ``--resume --steps`` (their ``training.json`` has each run's settings and the validation log).
 """
 
 from __future__ import annotations
