@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vlprune import hf
+
 
 def _linear_weights(module: nn.Module) -> int:
     """Multiply-adds per token of every linear layer inside ``module``."""
@@ -197,7 +199,7 @@ def measure(model, inputs: dict, handle=None, repeats: int = 3, new_tokens: int 
         "prefill_s": statistics.median(prefill),
         "decode_tok_s": statistics.median(decode),
         "selector_s": statistics.median(selector),
-        "kv_bytes": kv_cache_bytes(out.past_key_values),
+        "kv_bytes": kv_cache_bytes(hf.output_cache(out)),
         "flops": count.total,
         "vision_flops": count.vision,
         "llm_flops": count.llm,

@@ -122,9 +122,7 @@ def layer_loop(model, embeds, mask, positions, stages: list[tuple], renumber=Fal
         if i == 0 or i in cuts:
             text_pos = pos if pos.dim() == 2 else None
             cos_sin = lm.rotary_emb(h, position_ids=pos if pos.dim() == 2 else pos.permute(2, 0, 1))
-            mask4 = create_causal_mask(
-                config=config, inputs_embeds=h, attention_mask=m, past_key_values=None, position_ids=text_pos
-            )
+            mask4 = create_causal_mask(config, h, m, None, position_ids=text_pos)  # no cache (its keyword was renamed)
             if back is not None and i < back[0]:
                 mask4 = hide_dropped(mask4, rows, cuts[back[0]][0], back[1])
         h = block(h, attention_mask=mask4, position_embeddings=cos_sin, position_ids=text_pos)

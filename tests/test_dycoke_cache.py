@@ -63,9 +63,7 @@ def hand_decode(model, family, inputs, plan, steps: int, eos=2, pad=0):
         pos = pos.masked_fill(~valid if pos.dim() == 2 else ~valid[..., None], 1)
         text_pos = pos if pos.dim() == 2 else None
         cos_sin = lm.rotary_emb(h, position_ids=pos if pos.dim() == 2 else pos.permute(2, 0, 1))
-        mask4 = create_causal_mask(
-            config=config, inputs_embeds=h, attention_mask=m, past_key_values=None, position_ids=text_pos
-        )
+        mask4 = create_causal_mask(config, h, m, None, position_ids=text_pos)  # no cache (its keyword was renamed)
         weights = {}
         hook = lm.layers[LAYER - 1].self_attn.register_forward_hook(record(weights))
         for i in range(LAYER):

@@ -18,7 +18,7 @@ from transformers import (
 )
 
 import vlprune
-from vlprune import bench, cli, embedded, shapes
+from vlprune import bench, cli, embedded, hf, shapes
 from vlprune.eval import tasks
 from vlprune.eval.lmms_model import VLPrune, continuation_logprob
 from vlprune.eval.measure import FlopCount, kv_cache_bytes
@@ -271,7 +271,8 @@ def test_kv_cache_bytes_count_the_kept_tokens_of_each_layer(llava, method, param
     config = llava.config.text_config
     per_token = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4  # K + V fp32
     with torch.no_grad():
-        full = llava(input_ids=ids, attention_mask=mask, pixel_values=pv, use_cache=True).past_key_values
+        full = llava(input_ids=ids, attention_mask=mask, pixel_values=pv, use_cache=True)
+        full = hf.output_cache(full)
         with vlprune.wrap(llava, method, keep=3, **params) as pruned:
             out = llava(input_ids=ids, attention_mask=mask, pixel_values=pv, use_cache=True)
             (plan,) = pruned.plans
@@ -279,8 +280,8 @@ def test_kv_cache_bytes_count_the_kept_tokens_of_each_layer(llava, method, param
     layers = config.num_hidden_layers
     expected = 2 * per_token * (ids.shape[1] * plan.layer + length * (layers - plan.layer))
     assert kv_cache_bytes(full) == 2 * per_token * ids.shape[1] * layers
-    assert kv_cache_bytes(out.past_key_values) == expected
-    assert expected == sum(t.numel() * 4 for layer in out.past_key_values.layers for t in (layer.keys, layer.values))
+    assert kv_cache_bytes(hf.output_cache(out)) == expected
+    assert expected == sum(t.numel() * 4 for layer in hf.output_cache(out).layers for t in (layer.keys, layer.values))
 
 
 def test_bench_grid_writes_csv_table_and_plots_and_resumes(tmp_path, monkeypatch, capsys):

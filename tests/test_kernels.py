@@ -245,10 +245,10 @@ def test_the_core_compacts_through_the_kernels(monkeypatch, method, params):
 
 
 def test_kernel_benchmark_runs_with_one_command():
-    """``python benchmarks/kernels.py --smoke`` (the GPU run minus CUDA): every op, both sizes, real timings."""
+    """``python benchmarks/kernel_speed.py --smoke`` (the GPU run minus CUDA): every op, both sizes, real timings."""
     import runpy
 
-    bench = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "kernels.py"))
+    bench = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "kernel_speed.py"))
     rows = bench["main"](["--smoke", "--batches", "1", "--repeats", "1"])
     assert [(r["op"], r["case"]) for r in rows] == [
         (op, case) for case in ("llava-1.5", "video") for op in ("compact", "merge_compact", "gather_cache")

@@ -13,6 +13,7 @@ from test_families import DYCOKE_SHAPES, check_method, run, video_shapes
 from test_holitom import dpc_centres
 
 import vlprune
+from vlprune import hf
 from vlprune.plan import KeepPlan
 from vlprune.schedule import SampleLayout, frame_spans
 from vlprune.selectors.prunevid import PruneVid, prunevid_segments
@@ -193,7 +194,7 @@ def test_both_stages_compact_every_layers_cache(video_case):
     with torch.no_grad(), vlprune.wrap(model, config) as pruned:
         out = model(**inputs, use_cache=True)
         first, second = pruned.plans
-        lengths = [out.past_key_values.get_seq_length(i) for i in range(4)]
+        lengths = [hf.output_cache(out).get_seq_length(i) for i in range(4)]
         assert len(set(lengths)) == 1 and lengths[0] == max(len(k) for k in second.keep_tokens)
         for b in range(len(second.keep_visual)):  # groups of the first stage: a kept token per group at least
             assert set(second.keep_visual[b].tolist()) <= set(first.keep_visual[b].tolist())
@@ -231,4 +232,4 @@ def test_the_paper_preset():
         merged, kept = pruned.plans
         # 4 tokens per frame: no group above 14, so merging over time only; then 40 % of what is left
         assert kept.kept_per_sample == [round(0.4 * merged.kept_per_sample[0])]
-        assert {out.past_key_values.get_seq_length(i) for i in range(12)} == {len(kept.keep_tokens[0])}
+        assert {hf.output_cache(out).get_seq_length(i) for i in range(12)} == {len(kept.keep_tokens[0])}

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import compaction
+from . import compaction, hf
 from .attention import ensure_registered, last_query_attention, repeated_keys, text_attention
 from .config import PruneConfig, build_config
 from .decode_cache import CacheRestriction
@@ -187,12 +187,12 @@ class Pruned(Decoding, CallerHints):
 
     def _on_entry(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = hf.call_cache(kwargs)
         mask = kwargs.get("attention_mask")
         if input_ids is None and kwargs.get("inputs_embeds") is None:
             self._call = None  # the model raises its own error
             return None
-        if cache is None or cache.get_seq_length() == 0:
+        if hf.is_prefill(kwargs):
             batch = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[0]
             if self._videos is not None and len(self._videos) != batch:
                 raise ValueError(
@@ -218,7 +218,7 @@ class Pruned(Decoding, CallerHints):
         # Layer 0 saw only the kept tokens: its cache is shorter than the input. Give the language model a 2-D mask
         # and (when the caller gave none) the positions it would have had without pruning.
         q = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
-        seen = cache.get_seq_length(0) - first.length  # tokens decoded so far
+        seen = hf.cache_length(cache) - first.length  # tokens decoded so far
         if kwargs.get("position_ids") is None:
             positions = session.full_length + seen + torch.arange(q, device=first.rows.device)
             kwargs["position_ids"] = self.adapter.decode_positions(positions[None].expand(first.rows.shape[0], q))
@@ -228,7 +228,7 @@ class Pruned(Decoding, CallerHints):
     def _on_entry_done(self, module, args, kwargs, output):
         session = self._session
         if self._in_prefill and session is not None and session.cache_back:
-            self._compact_earlier_cache(getattr(output, "past_key_values", None) or self._call.cache)
+            self._compact_earlier_cache(hf.output_cache(output) or self._call.cache)
         if self._in_prefill:
             if self._cache is not None and self._call.layouts is not None:
                 self._cache.remember(self._call.layouts)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from vlprune import kernels
+from vlprune import hf, kernels
 from vlprune.kernels.reference import gather_tokens
 
 
@@ -139,17 +139,7 @@ def layer_kind(config, layer_idx: int) -> str:
 def build_mask(config, layer_idx: int, hidden: torch.Tensor, mask2d: torch.Tensor, cache, position_ids):
     """The attention mask layer ``layer_idx`` needs for queries ``hidden`` over its own cache, in the format of the
     model's attention implementation (transformers' own mask builders, sized against that layer's cache)."""
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
     kind = layer_kind(config, layer_idx)
     if kind not in ("full_attention", "sliding_attention"):
         raise NotImplementedError(f"vlprune cannot build masks for layer type {kind!r}")
-    fn = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-    return fn(
-        config=config,
-        inputs_embeds=hidden,
-        attention_mask=mask2d,
-        past_key_values=cache,
-        position_ids=position_ids,
-        layer_idx=layer_idx,
-    )
+    return hf.causal_mask(kind, config, hidden, mask2d, cache, position_ids, layer_idx)

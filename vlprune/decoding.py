@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import compaction
+from . import compaction, hf
 from .attention import last_query_attention
 
 
@@ -47,12 +47,12 @@ class Decoding:
         call = self._call
         hidden = args[0] if args else kwargs["hidden_states"]
         if segment is not None:
-            new = call.cache.get_seq_length(layer) + hidden.shape[1] - segment.length  # decoded so far + this call
+            new = hf.cache_length(call.cache, layer) + hidden.shape[1] - segment.length  # decoded so far + this call
             mask2d = self._decode_mask2d(segment, new)
         elif call.attention_mask is not None:
             mask2d = call.attention_mask.to(torch.bool)
         else:
-            mask2d = torch.ones(hidden.shape[0], call.cache.get_seq_length(layer) + hidden.shape[1], dtype=torch.bool)
+            mask2d = torch.ones(hidden.shape[0], hf.cache_length(call.cache, layer) + hidden.shape[1], dtype=torch.bool)
         if scored:
             call.cache_key_mask = mask2d
             if segment is None:

@@ -31,15 +31,17 @@ def max_min_greedy(features: torch.Tensor, k: int, chunk: int = 1024) -> torch.T
         rows = torch.arange(sim.shape[0], device=x.device)
         sim[rows, rows + start] = float("-inf")
         nearest[start : start + chunk] = 1 - sim.max(dim=1).values
-    chosen = [int(nearest.argmax())]
-    distance = 1 - x @ x[chosen[0]]  # (n,) distance to the chosen set
-    distance[chosen[0]] = float("-inf")
-    for _ in range(k - 1):
-        pick = int(distance.argmax())
-        chosen.append(pick)
-        distance = torch.minimum(distance, 1 - x @ x[pick])
-        distance[chosen] = float("-inf")
-    return torch.tensor(chosen)
+    # Each step is O(n D) and stays on the device: the pick is a 1-element tensor (no host round-trip), and only the
+    # new pick is masked (a chosen token's distance is -inf, which the running minimum keeps).
+    chosen = torch.empty(k, dtype=torch.long, device=x.device)
+    pick = nearest.argmax().view(1)
+    distance = torch.full((n,), float("inf"), device=x.device)  # (n,) distance to the chosen set
+    for step in range(k):
+        chosen[step : step + 1] = pick
+        distance = torch.minimum(distance, 1 - x @ x.index_select(0, pick)[0])
+        distance.index_fill_(0, pick, float("-inf"))
+        pick = distance.argmax().view(1)
+    return chosen.cpu()
 
 
 @register_selector("divprune")

@@ -1,8 +1,8 @@
 """Each kernel against its PyTorch reference, side by side in one run, and its achieved memory bandwidth as a fraction
 of the device's measured copy bandwidth.
 
-    python benchmarks/kernels.py            # on a CUDA GPU with Triton
-    python benchmarks/kernels.py --smoke    # tiny sizes through Triton's interpreter on the CPU: checks the script
+    python benchmarks/kernel_speed.py            # on a CUDA GPU with Triton
+    python benchmarks/kernel_speed.py --smoke    # tiny sizes through Triton's interpreter on the CPU: checks the script
 
 Sizes: LLaVA-1.5 (576 visual of 640 tokens, D = 4096, 32 layers x 32 KV heads) and video (6,272 visual of 6,400
 tokens, D = 3,584, M-RoPE rows, 28 layers x 4 KV heads), batch 1 and 8, a quarter of the visual tokens kept.
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.repeats = min(args.repeats, 2)
     elif not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU (or --smoke for the CPU interpreter)")
+        sys.exit("benchmarks/kernel_speed.py needs a CUDA GPU (or --smoke for the CPU interpreter)")
     return run(args)
 
 
