@@ -19,16 +19,18 @@ if __name__ == "kernels":
     import importlib.util
     import os
     import sys
+    import types
 
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _spec = importlib.machinery.PathFinder.find_spec(
         __name__, [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _root]
     )
-    if _spec is None:
-        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules[__name__] = _module
-    _spec.loader.exec_module(_module)
+    if _spec is None:  # not installed: an empty module, which transformers' availability check reads as absent
+        sys.modules[__name__] = types.ModuleType(__name__)
+    else:
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules[__name__] = _module
+        _spec.loader.exec_module(_module)
 else:
     from .ops import Compacted, MergeTable, Ragged, backend, compact, gather_cache, merge_compact, merge_table, pack
 

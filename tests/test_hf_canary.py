@@ -7,6 +7,10 @@ newest transformers the project declares."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -79,3 +83,19 @@ def test_the_accessors_read_the_installed_names(llava):
         assert hf.call_cache({name: cache}) is cache
         assert not hf.is_prefill({name: cache})
     assert hf.is_prefill({}) and hf.is_prefill({hf.CACHE_NAMES[0]: None})
+
+
+@pytest.mark.parametrize("name", ["kernels", "eval", "configs", "model_adapters"])
+def test_top_level_folders_hide_no_installed_package(name):
+    """From the repo root (where ``python -m pytest`` puts the working directory first on ``sys.path``) the top-level
+    folders, installed as ``vlprune.<name>``, are not importable as ``<name>``: ``import kernels`` gives Hugging
+    Face's package that transformers imports (an empty module when it is not installed), the others fail."""
+    root = Path(__file__).parents[1]
+    code = f"import {name}; print(getattr({name}, '__file__', None))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    if done.returncode == 0:
+        assert name == "kernels", f"'import {name}' from the repo root found {done.stdout.strip()}"
+        found = done.stdout.strip()
+        assert found == "None" or not Path(found).is_relative_to(root), f"'import kernels' found {found}"
+    else:
+        assert f"ModuleNotFoundError: No module named '{name}'" in done.stderr, done.stderr
