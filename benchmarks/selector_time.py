@@ -34,7 +34,26 @@ from vlprune.signals import TokenView  # noqa: E402
 PARAMS = {"vtc_cls": {"start_layer": 2}}  # the 6-layer benchmark tower
 
 
-def make_view(config, projector, selector, n: int, text: int) -> TokenView:
+def make_view(config, projector, selector, n: int, text: int, device: str = "cpu") -> TokenView:
+    view = _cpu_view(config, projector, selector, n, text)
+    if device != "cpu":
+        moved = _moved(view, device)
+        moved.text = _moved(view.text, device)
+        return moved
+    return view
+
+
+def _moved(view: TokenView, device: str) -> TokenView:
+    """``view`` with its tensors (and per-layer tensors) on ``device``; the index stays on the CPU."""
+    for name, value in vars(view).items():
+        if isinstance(value, torch.Tensor) and name != "index":
+            setattr(view, name, value.to(device))
+        elif isinstance(value, dict):
+            setattr(view, name, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in value.items()})
+    return view
+
+
+def _cpu_view(config, projector, selector, n: int, text: int) -> TokenView:
     g = torch.Generator().manual_seed(0)
     t, v = config.text_config, config.vision_config
     side = round(n**0.5)
@@ -61,13 +80,13 @@ def make_view(config, projector, selector, n: int, text: int) -> TokenView:
         elif r.name in ("vision_hidden", "projector"):
             view.vision_hidden = torch.randn(n, dv, generator=g)
             view.cls_hidden = torch.randn(dv, generator=g)
-            view.project = lambda x: projector.forward(x.float())
+            view.project = lambda x: projector.forward(x.to(next(projector.parameters())))
         elif r.name == "vision_keys":
             view.vision_keys, view.cls_key = torch.randn(n, dk, generator=g), torch.randn(dk, generator=g)
     return view
 
 
-def tower_decisions(config, selector, n: int, keep: int) -> float:
+def tower_decisions(config, selector, n: int, keep: int, device: str = "cpu") -> float:
     """A tower selector's own work over one image's vision forward (every layer's scores, every pruning step) with
     random queries, keys and values at the tower's widths; nearly flat attention, so few tokens go early (the most
     work). Returns seconds."""
@@ -78,11 +97,15 @@ def tower_decisions(config, selector, n: int, keep: int) -> float:
     state, count, elapsed = {}, n, 0.0
     prune_after = selector.prune_after(feature)
     for layer in range(feature):
-        q, k, value = (torch.randn(1, heads, 1 + count, dk, generator=g) for _ in range(3))
+        q, k, value = (torch.randn(1, heads, 1 + count, dk, generator=g).to(device) for _ in range(3))
+        if device == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         selector.observe(state, q, k, value, None, dk**-0.5)
         if layer in prune_after:
             count = int(selector.prune(state, layer, feature, [count], keep)[0].numel())
+        if device == "cuda":
+            torch.cuda.synchronize()
         elapsed += time.perf_counter() - start
     return elapsed
 
