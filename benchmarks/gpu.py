@@ -40,7 +40,7 @@ from vlprune.eval.measure import FlopCount, kv_cache_bytes  # noqa: E402
 LLAVA_METHODS = ["fastv", "sparsevlm", "pdrop", "visionzip", "divprune", "dart", "flowcut", "fastervlm", "uniform"]
 BUDGETS = [192, 128, 64]
 PRE_LLM = {"visionzip", "divprune", "dart", "flowcut", "fastervlm", "uniform"}
-SECTIONS = ["cuda_tests", "llava", "kernels", "selectors", "video", "profile"]
+SECTIONS = ["llava", "cuda_tests", "kernels", "selectors", "video", "profile"]
 
 
 # --- timing -------------------------------------------------------------------------------------------------------
@@ -194,10 +194,15 @@ def section_llava(args) -> dict:
               f"decode {row['decode_tok_s']:7.1f} tok/s", flush=True)  # fmt: skip
 
     measure("unpruned", None, 576)
+    errors = {}
     for method in LLAVA_METHODS:
         for keep in BUDGETS:
-            with vlprune.wrap(model, method, keep=keep):
-                measure(f"{method} keep={keep}", method, keep)
+            try:
+                with vlprune.wrap(model, method, keep=keep):
+                    measure(f"{method} keep={keep}", method, keep)
+            except Exception as error:  # noqa: BLE001  (a method failing on the GPU is a finding, not a stop)
+                errors[f"{method} keep={keep}"] = f"{type(error).__name__}: {error}"[:300]
+                print(f"  {method} keep={keep}: {errors[f'{method} keep={keep}']}", flush=True)
     base = rows[0]
     for row in rows:
         row["speedup"] = base["prefill_s"] / row["prefill_s"]
@@ -210,7 +215,7 @@ def section_llava(args) -> dict:
             row["limit_s"] = limits[row["keep"]]
             row["over_limit"] = row["prefill_s"] / row["limit_s"] - 1
     hooks = decode_hook_overhead(model, one, new)
-    return {"rows": rows, "limits": limits, "decode_hooks": hooks}
+    return {"rows": rows, "limits": limits, "decode_hooks": hooks, "errors": errors}
 
 
 def limit_seconds(model, inputs, keep: int, repeats: int) -> float:
@@ -354,7 +359,8 @@ def section_selectors(args, done: dict) -> dict:
             row = {"method": method, "tokens": n, "keep": keep}
             try:
                 with torch.no_grad():
-                    if selector.tower:
+                    if selector.tower:  # the first pass warms up (kernels compile, caches fill)
+                        selector_time.tower_decisions(config, selector, n, keep, device=args.device)
                         seconds = selector_time.tower_decisions(config, selector, n, keep, device=args.device)
                     else:
                         view = selector_time.make_view(config, projector, selector, n, 60, device=args.device)

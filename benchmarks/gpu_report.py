@@ -107,6 +107,8 @@ def render(report: dict) -> str:
     for name, section in sections.items():
         if "error" in section:
             out += ["", f"Section `{name}` failed: `{section['error']}`"]
+        for setting, error in section.get("errors", {}).items():
+            out += ["", f"`{setting}` failed: `{error}`"]
     tests = sections.get("cuda_tests")
     if tests:
         out += ["", "## CUDA tests", "", f"`pytest -m cuda tests/test_cuda.py tests/test_kernels.py`: "

@@ -27,7 +27,12 @@ pytestmark = [
     pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-METHODS = {"uniform": {"keep": 5}, "divprune": {"keep": 5}, "fastv": {"keep": 5, "layer": 1}}
+METHODS = {
+    "uniform": {"keep": 5},
+    "divprune": {"keep": 5},
+    "fastv": {"keep": 5, "layer": 1},
+    "dart": {"keep": 5, "layer": 1},
+}
 ATTENTION = ("sdpa", "eager")
 TOLERANCE = 0.05  # of the logits' scale: bf16 keeps 8 bits of mantissa, through 2 layers and a tiny random model
 KERNEL_SIZES = {  # (batch, tokens, width, kept per sample)

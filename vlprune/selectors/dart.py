@@ -30,8 +30,9 @@ def dart_pick(
     ``per_pivot`` of them (an int for every pivot, or a list with one count per pivot). Returns the image pivots
     followed by the picks, as candidate indices.
     """
-    pivots = top_k(keys.float().abs().sum(-1), min(image_pivots, hidden.shape[0]))
-    text = top_k(text_keys.float().abs().sum(-1), min(text_pivots, text_hidden.shape[0]))
+    # indices on the CPU (the picks' bookkeeping is there), whatever device the signals are on
+    pivots = top_k(keys.float().abs().sum(-1), min(image_pivots, hidden.shape[0])).cpu()
+    text = top_k(text_keys.float().abs().sum(-1), min(text_pivots, text_hidden.shape[0])).cpu()
     anchors = torch.cat([hidden[pivots], text_hidden[text]]).float()
     counts = per_pivot if isinstance(per_pivot, list) else [per_pivot] * anchors.shape[0]
     available = torch.ones(hidden.shape[0], dtype=torch.bool)

@@ -14,15 +14,20 @@ from ..registry import register_selector
 from ..signals import SignalRequest, TokenView
 from .base import Selector
 
+ROWS_PER_CALL = 1 << 17  # projector rows per call in sensitivity()
+
 
 def sensitivity(
-    x: torch.Tensor, project: Callable, directions: int, step: float, seed: int, chunk: int = 8
+    x: torch.Tensor, project: Callable, directions: int, step: float, seed: int, chunk: int | None = None
 ) -> torch.Tensor:
     """``S(i) = mean_j || (M(x_i + h u_j) - M(x_i - h u_j)) / 2h ||_2`` for each row of ``x`` (n, Dv), with ``m =
     directions`` random unit directions ``u_j`` (seeded, shared by all tokens) and ``h = step``, in fp32.
 
-    ``chunk`` directions are pushed through the projector per call, so memory is O(chunk * n * D)."""
+    ``chunk`` directions are pushed through the projector per call; by default as many as fit in 2^17 rows (all
+    64 in one call for a 576-token image), so memory is O(chunk * n * D)."""
     x = x.float()
+    if chunk is None:
+        chunk = max(1, min(directions, ROWS_PER_CALL // (2 * max(1, x.shape[0]))))
     g = torch.Generator().manual_seed(seed)
     u = F.normalize(torch.randn(directions, x.shape[-1], generator=g), dim=-1).to(x.device)  # (m, Dv)
     total = torch.zeros(x.shape[0], device=x.device)
@@ -36,20 +41,22 @@ def sensitivity(
 
 def sensitivity_diversity_greedy(scores: torch.Tensor, features: torch.Tensor, k: int) -> torch.Tensor:
     """Greedy: the most sensitive token first, then repeatedly ``argmax_i S(i) * (1 - max_{j chosen} cos(z_i,
-    z_j))``. ``scores`` are min-max normalised first. O(n) memory (a running maximum cosine per token)."""
+    z_j))``. ``scores`` are min-max normalised first. O(n) memory (a running maximum cosine per token) and O(n D)
+    per step on the scores' device, with no host round-trip (the pick stays a 1-element tensor)."""
     s = scores.float()
     spread = s.max() - s.min()
-    s = (s - s.min()) / spread if spread > 0 else torch.ones_like(s)
-    z = F.normalize(features.float(), dim=-1)
-    chosen = [int(s.argmax())]
-    closest = z @ z[chosen[0]]  # max cosine to the chosen set
-    for _ in range(k - 1):
-        gain = s * (1 - closest)
-        gain[chosen] = float("-inf")
-        pick = int(gain.argmax())
-        chosen.append(pick)
-        closest = torch.maximum(closest, z @ z[pick])
-    return torch.tensor(chosen)
+    s = torch.where(spread > 0, (s - s.min()) / spread.clamp_min(torch.finfo(s.dtype).tiny), torch.ones_like(s))
+    z = F.normalize(features.float(), dim=-1).to(s.device)
+    chosen = torch.empty(k, dtype=torch.long, device=s.device)
+    taken = torch.zeros(s.shape[0], dtype=torch.bool, device=s.device)
+    closest = torch.full_like(s, float("-inf"))  # max cosine to the chosen set
+    pick = s.argmax().view(1)
+    for step in range(k):
+        chosen[step : step + 1] = pick
+        taken.index_fill_(0, pick, True)
+        closest = torch.maximum(closest, z @ z.index_select(0, pick)[0])
+        pick = (s * (1 - closest)).masked_fill(taken, float("-inf")).argmax().view(1)
+    return chosen.cpu()
 
 
 @register_selector("zoo")
