@@ -40,7 +40,7 @@ from vlprune.eval.measure import FlopCount, kv_cache_bytes  # noqa: E402
 LLAVA_METHODS = ["fastv", "sparsevlm", "pdrop", "visionzip", "divprune", "dart", "flowcut", "fastervlm", "uniform"]
 BUDGETS = [192, 128, 64]
 PRE_LLM = {"visionzip", "divprune", "dart", "flowcut", "fastervlm", "uniform"}
-SECTIONS = ["llava", "cuda_tests", "kernels", "selectors", "video", "profile"]
+SECTIONS = ["llava", "cuda_tests", "kernels", "selectors", "video", "profile", "decode"]
 
 
 # --- timing -------------------------------------------------------------------------------------------------------
@@ -403,6 +403,50 @@ def section_profile(args) -> dict:
         }
         print(f"  profiled {label}: {syncs} host syncs", flush=True)
     return out
+
+
+def section_decode(args) -> dict:
+    """Time to first token and decode speed, each the median of 3 ``generate`` calls after a warm-up, at batch 1
+    and 8, unpruned and at keep=64; and where a prefill's time goes: the summed device time of its kernels against
+    its wall time (a prefill whose wall time is far above its device time is bound by the host launching kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import LlavaForConditionalGeneration
+
+    model = materialise(LlavaForConditionalGeneration, llava_config(args.smoke), args.device, args.dtype)
+    batches = {1: llava_prompts([60], args.device, args.dtype),
+               8: llava_prompts([60, 41, 77, 52, 98, 35, 66, 110], args.device, args.dtype)}  # fmt: skip
+    new = 8 if args.smoke else 33
+
+    def gen(inputs, tokens):
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+
+    rows = []
+    for method in (None, "uniform", "divprune", "fastv", "pdrop"):
+        context = vlprune.wrap(model, method, keep=64) if method else None
+        try:
+            row = {"method": method or "unpruned", "keep": 64 if method else 576}
+            for b, inputs in batches.items():
+                first = timed(lambda inputs=inputs: gen(inputs, 1), 3, warmup=1)
+                full = timed(lambda inputs=inputs: gen(inputs, new), 3, warmup=1)
+                row[f"ttft_b{b}_s"], row[f"decode_b{b}_tok_s"] = first, b * (new - 1) / (full - first)
+            one = batches[1]
+            prefill(model, one)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+            with profile(activities=activities) as prof:
+                start = time.perf_counter()
+                prefill(model, one)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                row["prefill_wall_s"] = time.perf_counter() - start
+            events = prof.key_averages()
+            row["prefill_device_s"] = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6
+            rows.append(row)
+            print(f"  {row}", flush=True)
+        finally:
+            if context is not None:
+                context.unwrap()
+    return {"rows": rows, "new_tokens": new}
 
 
 # --- report -------------------------------------------------------------------------------------------------------

@@ -137,6 +137,16 @@ def render(report: dict) -> str:
             ratio = f"{r['flop_ratio']:.3f}" if "flop_ratio" in r else ""
             out.append(f"| {r['frames']} | {r['tokens']} | {r['method'] or 'unpruned'} | {_ms(r.get('decision_s'))} "
                        f"| {share} | {_ms(r.get('prefill_s'))} | {speed} | {ratio} |")  # fmt: skip
+    decode = sections.get("decode", {}).get("rows", [])
+    if decode:
+        n = sections["decode"].get("new_tokens")
+        out += ["", f"## Time to first token and decoding ({n} new tokens; medians of 3 after a warm-up), and where "
+                "a batch-1 prefill's time goes", "",
+                "| setting | TTFT b1 ms | decode b1 tok/s | TTFT b8 ms | decode b8 tok/s | prefill wall ms | its "
+                "kernels' device ms |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        out += [f"| {r['method']} keep={r['keep']} | {_ms(r['ttft_b1_s'])} | {r['decode_b1_tok_s']:.1f} | "
+                f"{_ms(r['ttft_b8_s'])} | {r['decode_b8_tok_s']:.1f} | {_ms(r['prefill_wall_s'])} | "
+                f"{_ms(r['prefill_device_s'])} |" for r in decode]  # fmt: skip
     kernels = sections.get("kernels", {}).get("rows", [])
     if kernels:
         out += ["", "## Kernels (Triton against the PyTorch reference)", "",

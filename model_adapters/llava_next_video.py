@@ -74,11 +74,19 @@ class LlavaNextVideoAdapter(PooledVideos, LlavaNextAdapter):
         def encode(pixel_values_videos, *args, **kwargs):
             out = original(pixel_values_videos, *args, **kwargs)
             videos, frames = pixel_values_videos.shape[:2]
-            pooled = out.pooler_output  # (videos, frames * per_frame, D)
+            pooled = per_video(out.pooler_output)  # per video (frames * per_frame, D)
             store.pop("packed", None)
-            store["videos"], store["frame_tokens"] = [frames] * videos, pooled.shape[1] // frames
+            store["videos"], store["frame_tokens"] = [frames] * videos, pooled[0].shape[0] // frames
             if wants_features:
                 store["features"] = [p.detach() for p in pooled]
             return out
 
         return encode
+
+
+def per_video(pooled) -> list[torch.Tensor]:
+    """``get_video_features``' pooled output as one (frames * per_frame, D) tensor per video: transformers 5.25
+    returns a (videos, frames * per_frame, D) tensor, 5.19 a tuple of (frames, per_frame, D) per video."""
+    if isinstance(pooled, torch.Tensor):
+        return list(pooled.unbind(0))
+    return [p.flatten(0, 1) if p.dim() == 3 else p for p in pooled]
