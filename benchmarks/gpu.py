@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+import kernel_speed  # noqa: E402
 
 import vlprune  # noqa: E402
 from vlprune import hf  # noqa: E402
@@ -46,23 +47,7 @@ SECTIONS = ["llava", "cuda_tests", "kernels", "selectors", "video", "profile", "
 # --- timing -------------------------------------------------------------------------------------------------------
 def timed(fn, repeats: int, warmup: int = 1) -> float:
     """Median seconds of ``fn()`` (CUDA events on a GPU, wall clock on the CPU) after ``warmup`` discarded calls."""
-    cuda = torch.cuda.is_available()
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return kernel_speed.timed(fn, repeats, "cuda" if torch.cuda.is_available() else "cpu", warmup)
 
 
 def peak_bytes(fn) -> int:
@@ -317,8 +302,6 @@ def section_video(args) -> dict:
 
 
 def section_kernels(args) -> dict:
-    import kernel_speed
-
     argv = ["--smoke"] if args.smoke else ["--repeats", "30"]
     return {"rows": kernel_speed.main(argv)}
 

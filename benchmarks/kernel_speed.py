@@ -28,9 +28,9 @@ CASES = {  # name: (tokens, visual tokens, hidden width, rotary width, position 
 SMOKE = {"llava-1.5": (40, 32, 48, 8, 0, 2, 2), "video": (70, 64, 40, 8, 3, 2, 1)}
 
 
-def timed(fn, repeats: int, device: str) -> float:
-    """Median seconds of ``fn()`` after two warm-up calls."""
-    for _ in range(2):
+def timed(fn, repeats: int, device: str, warmup: int = 2) -> float:
+    """Median seconds of ``fn()`` (CUDA events on ``"cuda"``, the wall clock elsewhere) after ``warmup`` calls."""
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):

@@ -17,6 +17,7 @@ import transformers
 from test_families import shapes_of
 from transformers.cache_utils import Cache
 
+import vlprune
 from vlprune import hf
 
 from families import FAMILIES
@@ -99,3 +100,35 @@ def test_top_level_folders_hide_no_installed_package(name):
         assert found == "None" or not Path(found).is_relative_to(root), f"'import kernels' found {found}"
     else:
         assert f"ModuleNotFoundError: No module named '{name}'" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
+def test_a_sampled_image_placeholder_decodes_as_a_plain_token(name):
+    """A decoding step whose token is the image placeholder id continues the cached prompt (HF embeds it as a plain
+    token): wrapped at keep-all it generates what the unwrapped model does, and pruned the plans still describe the
+    prefill alone."""
+    family = FAMILIES[name]
+    model = family.build(2)
+    shapes = ((3, 2, family.sizes),) if name == "llava" else shapes_of(name)[:1]
+    inputs = family.inputs(model, shapes)
+    image, length = model.config.image_token_id, inputs["input_ids"].shape[1]
+    vocabulary = list(range(model.config.get_text_config().vocab_size))
+
+    def force(batch_id, ids):  # the second generated token is the placeholder
+        return [image] if ids.shape[-1] == length + 1 else vocabulary
+
+    def generate():
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                 prefix_allowed_tokens_fn=force)  # fmt: skip
+        return out[:, length:]
+
+    unwrapped = generate()
+    assert unwrapped[0, 1] == image
+    with vlprune.wrap(model, "uniform", keep=10_000):
+        assert torch.equal(generate(), unwrapped)
+    with vlprune.wrap(model, "uniform", keep=3) as pruned:
+        tokens = generate()
+        assert tokens[0, 1] == image
+        (plan,) = pruned.plans
+        assert plan.kept_per_sample == [3 * len(shapes[0][2])]
