@@ -16,6 +16,7 @@ of each layer's attention).
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import time
@@ -111,20 +112,24 @@ def tower_decisions(config, selector, n: int, keep: int, device: str = "cpu") ->
 
 
 def one_case(args, method: str, n: int) -> None:
-    """Child process: time one decision."""
+    """Child process: time one decision, the median of ``--repeats`` after a discarded warm-up (a cold first call
+    overstates the cost: lazy imports, allocator growth)."""
     config = build(args, config_only=True)  # the child needs the widths and the projector, not the model
     projector = LlavaMultiModalProjector(config).eval()
     selector = create_selector(method, **PARAMS.get(method, {}))
     keep = max(1, round(args.ratio * n))
+    times = []
     with torch.no_grad():
-        if selector.tower:
-            elapsed = tower_decisions(config, selector, n, keep)
-        else:
-            view = make_view(config, projector, selector, n, args.text)
-            start = time.perf_counter()
-            selector.select(view, keep)
-            elapsed = time.perf_counter() - start
-    print(f"{elapsed:.6f}")
+        view = None if selector.tower else make_view(config, projector, selector, n, args.text)
+        for _ in range(args.repeats + 1):
+            if selector.tower:
+                elapsed = tower_decisions(config, selector, n, keep)
+            else:
+                start = time.perf_counter()
+                selector.select(view, keep)
+                elapsed = time.perf_counter() - start
+            times.append(elapsed)
+    print(f"{statistics.median(times[1:]):.6f}")
 
 
 def main() -> None:
