@@ -26,6 +26,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from tqdm.auto import tqdm
 
+from .. import hf
 from ..api import wrap
 from ..cli import fitted, load
 from ..registry import list_methods
@@ -254,8 +255,8 @@ class VLPrune(lmms):
         """Per request ``(loss, is_greedy)``: the mean negative log-probability of the continuation's tokens after
         the context, and whether greedy decoding would produce it. lmms-eval 0.7 picks the multiple-choice answer by
         *argmin* of this value because its own HF wrappers return the loss; this model returns the same quantity,
-        so its numbers compare with theirs. The log-probabilities are read from the last rows of the logits: text
-        is never pruned, so the continuation is the end of the shorter sequence (:func:`continuation_logprob`)."""
+        so its numbers compare with theirs. The plan is decided on the context alone, then the continuation is scored
+        after the pruned context (:func:`continuation_logprob`)."""
         out = []
         tokenizer = self.processor.tokenizer
         for request in tqdm(requests, disable=self.rank != 0, desc="vlprune loglikelihood"):
@@ -328,14 +329,18 @@ def _passed_through(pair: tuple[float, bool]):
 
 def continuation_logprob(model, inputs: dict, target: torch.Tensor) -> tuple[float, bool]:
     """``(sum of log p(target | prompt), whether every target token is the argmax)`` for one prompt (batch of one)
-    followed by ``target`` (1, T). The logits of a pruned forward are shorter than the input; the rows that predict
-    the target are still the last ``T + 1`` but one."""
-    ids = torch.cat([inputs["input_ids"], target], 1)
+    followed by ``target`` (1, T).
+
+    The prompt is run alone first, with a cache, as a generation would see it: a wrapped model decides its plan on
+    the context only. The continuation is then fed after that (pruned) cache in one step, so every candidate of a
+    multiple-choice question is scored against the same pruned context; scored as one sequence, a text-guided
+    in-LLM method (FastV's last token, SparseVLM's raters, ...) would let each candidate choose the visual tokens."""
     mask = torch.cat([inputs["attention_mask"], torch.ones_like(target)], 1)
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, **extra).logits
-    n = target.shape[1]
-    logprobs = torch.log_softmax(logits[0, -n - 1 : -1].float(), -1)
+        context = model(**inputs, use_cache=True, logits_to_keep=1)
+        cache = {hf.cache_keyword(model): hf.output_cache(context)}
+        rest = model(input_ids=target, attention_mask=mask, use_cache=True, **cache)
+    logits = torch.cat([context.logits[:, -1:], rest.logits[:, :-1]], 1)  # (1, T, V): row t predicts target[t]
+    logprobs = torch.log_softmax(logits[0].float(), -1)
     picked = logprobs.gather(-1, target[0, :, None])[:, 0]
     return float(picked.sum()), bool((logprobs.argmax(-1) == target[0]).all())

@@ -22,9 +22,10 @@ from vlprune import bench, cli, embedded, hf, shapes
 from vlprune.eval import tasks
 from vlprune.eval.lmms_model import VLPrune, continuation_logprob
 from vlprune.eval.measure import FlopCount, kv_cache_bytes
+from vlprune.registry import create_selector
 
-from reference import embed, layer_loop, original_positions
-from tiny import batch, pixels, prompt
+from reference import embed, layer_loop, merges_of, original_positions
+from tiny import batch, pixels, prompt, tiny_llava
 
 LIMIT = 6  # one question of each type
 
@@ -210,30 +211,53 @@ def test_presets_work_as_methods():
         lm.pruned.unwrap()
 
 
-@pytest.mark.parametrize("method,params", [("fastv", {"layer": 1}), ("divprune", {}), ("random", {"layer": 2})])
-def test_loglikelihood_after_pruning_equals_the_reference_compacted_sequence(llava, method, params):
-    """The continuation's log-probability from the pruned model equals the one computed on the reference compacted
-    sequence (the unhooked model's layers driven by hand), read at the rows where the continuation tokens sit."""
+IN_LLM = [m for m in vlprune.list_methods("image") if create_selector(m).default_layer > 0]
+CANDIDATES = (torch.tensor([[7]]), torch.tensor([[7, 9, 11]]), torch.tensor([[12, 5, 9, 30, 2]]))
+
+
+@pytest.fixture(scope="module")
+def deep_llava():
+    return tiny_llava("sdpa", layers=10)  # deep enough for every in-LLM default layer (pdrop: 8)
+
+
+@pytest.mark.parametrize("method", [*IN_LLM, "divprune"])
+def test_loglikelihood_prunes_on_the_context_then_scores_every_candidate(deep_llava, method):
+    """Multiple choice: the plan is the one the context alone gives (each candidate may not choose the visual tokens),
+    and each candidate's log-probability equals the unhooked model's layers driven by hand over the context's kept
+    tokens followed by the candidate."""
+    llava = deep_llava
     ids, mask = batch([prompt(llava, 3, 4, 1)])
     pv = pixels(1)
-    target = torch.tensor([[7, 9, 11]])
     inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pv}
-    with vlprune.wrap(llava, method, keep=5, **params) as pruned:
-        logprob, greedy = continuation_logprob(llava, inputs, target)
-        (plan,) = pruned.plans
-    full, full_mask = torch.cat([ids, target], 1), torch.cat([mask, torch.ones_like(target)], 1)
+    with vlprune.wrap(llava, method, keep=5) as pruned:
+        with torch.no_grad():
+            llava(**inputs)
+        context = list(pruned.plans)
+        for target in CANDIDATES:
+            logprob, greedy = continuation_logprob(llava, inputs, target)
+            assert [p.keep_tokens[0].tolist() for p in pruned.plans] == [p.keep_tokens[0].tolist() for p in context]
+            full, full_mask = torch.cat([ids, target], 1), torch.cat([mask, torch.ones_like(target)], 1)
+            tail = torch.arange(ids.shape[1], full.shape[1])
+            stages = [(p.layer, [torch.cat([p.keep_tokens[0], tail])], merges_of(p, ids)) for p in context]
+            with torch.no_grad():
+                logits = layer_loop(llava, embed(llava, full, pv), full_mask, original_positions(full_mask), stages)
+            expected = torch.log_softmax(logits[0, -target.shape[1] - 1 : -1], -1)  # the candidate ends the sequence
+            picked = expected.gather(-1, target[0, :, None])[:, 0]
+            assert logprob == pytest.approx(float(picked.sum()), abs=1e-4)
+            assert greedy == bool((expected.argmax(-1) == target[0]).all())
+
+
+def test_loglikelihood_of_the_unwrapped_model_is_one_forward(llava):
+    ids, mask = batch([prompt(llava, 3, 4, 1)])
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels(1)}
+    target = CANDIDATES[2]
     with torch.no_grad():
-        logits = layer_loop(
-            llava, embed(llava, full, pv), full_mask, original_positions(full_mask), [(plan.layer, plan.keep_tokens)]
-        )
-    kept = plan.keep_tokens[0].tolist()  # input rows still present, in order; logits rows are their slots
-    assert len(kept) < full.shape[1]
-    offset = logits.shape[1] - len(kept)
-    rows = [offset + kept.index(r) for r in range(ids.shape[1] - 1, full.shape[1] - 1)]
-    expected = torch.log_softmax(logits[0, rows], -1)
-    picked = expected.gather(-1, target[0, :, None])[:, 0]
-    assert logprob == pytest.approx(float(picked.sum()), abs=1e-4)
-    assert greedy == bool((expected.argmax(-1) == target[0]).all())
+        logits = llava(
+            input_ids=torch.cat([ids, target], 1), attention_mask=torch.cat([mask, torch.ones_like(target)], 1),
+            pixel_values=inputs["pixel_values"],
+        ).logits  # fmt: skip
+    expected = torch.log_softmax(logits[0, -target.shape[1] - 1 : -1], -1).gather(-1, target[0, :, None]).sum()
+    assert continuation_logprob(llava, inputs, target)[0] == pytest.approx(float(expected), abs=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ newest transformers the project declares."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ import vlprune
 from vlprune import hf
 
 from families import FAMILIES
+from reference import embed, layer_loop, original_positions
 
 VISUAL_INPUTS = {"pixel_values", "mm_encoder_outputs", "image_grid_thw", "image_sizes"}
 
@@ -132,3 +134,90 @@ def test_a_sampled_image_placeholder_decodes_as_a_plain_token(name):
         assert tokens[0, 1] == image
         (plan,) = pruned.plans
         assert plan.kept_per_sample == [3 * len(shapes[0][2])]
+
+
+def test_right_padding_is_refused_for_in_llm_pruning_and_exact_before_the_llm(llava):
+    """A right-padded batch: in-LLM stages raise a clear error naming padding_side='left' (the model untouched);
+    pre-LLM pruning gives what each sample gives alone."""
+    from tiny import pixels, prompt
+
+    prompts = [prompt(llava, 3, 4, 1), prompt(llava, 1, 2, 1, seed=1)]
+    length = max(map(len, prompts))
+    ids = torch.tensor([p + [0] * (length - len(p)) for p in prompts])
+    mask = torch.tensor([[1] * len(p) + [0] * (length - len(p)) for p in prompts])
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels(2)}
+    with torch.no_grad(), vlprune.wrap(llava, "fastv", keep=3, layer=1) as pruned:
+        with pytest.raises(ValueError, match=r"sample\(s\) \[1\].*right-padded.*padding_side='left'"):
+            llava(**inputs)
+        assert pruned.plans == []
+    with torch.no_grad(), vlprune.wrap(llava, "uniform", keep=3):
+        batch_logits = llava(**inputs).logits
+        for b, p in enumerate(prompts):
+            one = llava(input_ids=torch.tensor([p]), pixel_values=inputs["pixel_values"][b : b + 1]).logits
+            kept = one.shape[1]  # the sample's own kept tokens; right padding sits after them in the batch
+            torch.testing.assert_close(batch_logits[b, :kept][-1], one[0, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_second_thread_during_a_call_is_a_clear_error(llava):
+    """One wrapped model, two threads: the call that enters while another runs fails clearly; the running one and
+    later calls are unaffected, also after a call that failed."""
+    import threading
+
+    from tiny import pixels, prompt
+
+    inputs = {"input_ids": torch.tensor([prompt(llava, 3, 4, 1)]), "pixel_values": pixels(1)}
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(module, args):
+        entered.set()
+        release.wait(30)
+
+    with torch.no_grad(), vlprune.wrap(llava, "fastv", keep=3, layer=1) as pruned:
+        want = llava(**inputs).logits
+        handle = llava.model.language_model.layers[2].register_forward_pre_hook(hold)
+        results = {}
+        first = threading.Thread(target=lambda: results.setdefault("first", llava(**inputs).logits))
+        first.start()
+        assert entered.wait(30)
+        handle.remove()
+        with pytest.raises(RuntimeError, match="running a call in another thread"):
+            threading.Thread(target=lambda: llava(**inputs)).run()  # in this thread, while the first is held
+        release.set()
+        first.join(30)
+        torch.testing.assert_close(results["first"], want, rtol=0, atol=0)
+        with pytest.raises(ValueError):
+            llava(input_ids=torch.tensor([[1, 2]]), attention_mask=torch.tensor([[1, 0]]), pixel_values=None)
+        torch.testing.assert_close(llava(**inputs).logits, want, rtol=0, atol=0)
+        assert pruned.active
+
+
+def test_a_second_turn_on_a_pruned_cache(llava):
+    """generate() handed the cache of a first turn pruned before the LLM cannot tell the new tokens (that cache is
+    shorter than the conversation it stands for): a clear error before anything runs. After in-LLM pruning layer 0's
+    cache is whole, and a text turn continues it: its next token equals the hand reference that applies the first
+    turn's plan to the whole conversation. A turn with new images is refused either way."""
+    from tiny import IMAGE, pixels, prompt
+
+    ids, pv = torch.tensor([prompt(llava, 3, 4, 1)]), pixels(1)
+    for method, params in (("uniform", {}), ("fastv", {"layer": 1})):
+        with torch.no_grad(), vlprune.wrap(llava, method, keep=3, **params) as pruned:
+            out = llava.generate(input_ids=ids, pixel_values=pv, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                 return_dict_in_generate=True)  # fmt: skip
+            plans = list(pruned.plans)
+            text = torch.cat([out.sequences, torch.tensor([[5, 6, 7]])], 1)
+            image = torch.cat([out.sequences, torch.tensor([[5] + [IMAGE] * 16 + [6]])], 1)
+            turns = [(image, {"pixel_values": pixels(1, seed=1)})] + ([(text, {})] if method == "uniform" else [])
+            for turn, extra in turns:
+                with pytest.raises(ValueError, match="without past_key_values"):
+                    cache = copy.deepcopy(hf.output_cache(out))
+                    llava.generate(input_ids=turn, attention_mask=torch.ones_like(turn), max_new_tokens=2,
+                                   past_key_values=cache, do_sample=False, **extra)  # fmt: skip
+                assert [p.keep_tokens[0].tolist() for p in pruned.plans] == [p.keep_tokens[0].tolist() for p in plans]
+            if method == "fastv":
+                got = llava.generate(input_ids=text, attention_mask=torch.ones_like(text), max_new_tokens=1,
+                                     past_key_values=copy.deepcopy(hf.output_cache(out)), do_sample=False)  # fmt: skip
+                tail = torch.arange(ids.shape[1], text.shape[1])
+                stages = [(p.layer, [torch.cat([p.keep_tokens[0], tail])]) for p in plans]
+                mask = torch.ones_like(text)
+                logits = layer_loop(llava, embed(llava, text, pv), mask, original_positions(mask), stages)
+                assert int(got[0, -1]) == int(logits[0, -1].argmax())

@@ -29,6 +29,7 @@ from .attention import ensure_registered, last_query_attention, repeated_keys, t
 from .config import PruneConfig, build_config
 from .decode_cache import CacheRestriction
 from .decoding import Decoding
+from .guards import CallGuards
 from .hints import CallerHints
 from .hooks import HookSet
 from .plan import KeepPlan
@@ -70,7 +71,7 @@ class _Session:
     cache_back: int = 0  # a stage at this layer drops its tokens from the earlier layers' cache after the prefill
 
 
-class Pruned(Decoding, CallerHints):
+class Pruned(Decoding, CallerHints, CallGuards):
     """Handle returned by :func:`wrap`. Use as a context manager or call :meth:`unwrap`.
 
     Attributes
@@ -100,6 +101,7 @@ class Pruned(Decoding, CallerHints):
         self._stages = {rs.layer: rs for rs in stages}
         self._renumber = config.positions == "renumber"
         self._hooks = HookSet()
+        self._thread: int | None = None  # the thread whose call is running (see _claim)
         self._saved_attention: dict[str, str] = {}
         self._vision: dict = {}
         self._call: _Call | None = None
@@ -125,6 +127,9 @@ class Pruned(Decoding, CallerHints):
                 self.model.set_attn_implementation({key: wrapped})
         self._hooks.pre(adapter.entry, self._on_entry)
         self._hooks.post(adapter.entry, self._on_entry_done)
+        self._hooks.post(adapter.entry, self._on_exit, always=True)
+        if callable(getattr(self.model, "generate", None)):
+            self._hooks.method(self.model, "generate", self._guarded_generate)
         first = self._stages[min(self._stages)]
         if first.selector.tower:  # before install_vision: captures of the projector output see the expanded tensor
             adapter.install_tower_stage(self._hooks, TowerStage(first, adapter.feature_encoder_layer, self._vision))
@@ -186,6 +191,7 @@ class Pruned(Decoding, CallerHints):
         return self._call is not None and self._call.prefill
 
     def _on_entry(self, module, args, kwargs):
+        self._claim()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = hf.call_cache(kwargs)
         mask = kwargs.get("attention_mask")
@@ -193,6 +199,7 @@ class Pruned(Decoding, CallerHints):
             self._call = None  # the model raises its own error
             return None
         if hf.is_prefill(kwargs):
+            self._check_padding(mask)
             batch = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[0]
             if self._videos is not None and len(self._videos) != batch:
                 raise ValueError(
@@ -210,6 +217,7 @@ class Pruned(Decoding, CallerHints):
             self._call = _Call(True, mask, cache, visual=visual)
             return None
         self._vision.clear()
+        self._check_no_new_images(kwargs)
         self._call = _Call(False, mask, cache)
         session = self._session
         first = session.layer_segment.get(0) if session else None
@@ -219,6 +227,9 @@ class Pruned(Decoding, CallerHints):
         # and (when the caller gave none) the positions it would have had without pruning.
         q = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
         seen = hf.cache_length(cache) - first.length  # tokens decoded so far
+        if mask is not None and mask.shape[-1] != session.full_length + seen + q:
+            self._call = None
+            self._refuse_continuation(q, session.full_length + seen, mask.shape[-1])
         if kwargs.get("position_ids") is None:
             positions = session.full_length + seen + torch.arange(q, device=first.rows.device)
             kwargs["position_ids"] = self.adapter.decode_positions(positions[None].expand(first.rows.shape[0], q))

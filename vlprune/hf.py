@@ -17,7 +17,7 @@ import torch
 
 CACHE_NAMES = ("cache", "past_key_values")  # the KV cache's keyword and output attribute, newest name first
 
-__all__ = ["CACHE_NAMES", "cache_length", "call_cache", "causal_mask", "is_prefill", "output_cache"]
+__all__ = ["CACHE_NAMES", "cache_keyword", "cache_length", "call_cache", "causal_mask", "is_prefill", "output_cache"]
 
 
 def call_cache(kwargs: dict):
@@ -35,6 +35,13 @@ def output_cache(output):
         if cache is not None:
             return cache
     return None
+
+
+def cache_keyword(model) -> str:
+    """The keyword under which ``model``'s forward takes a KV cache (``cache`` from 5.24, ``past_key_values``
+    before)."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in CACHE_NAMES if name in parameters), CACHE_NAMES[-1])
 
 
 def cache_length(cache, layer: int = 0) -> int:

@@ -28,9 +28,10 @@ class HookSet:
         """Forward pre-hook with kwargs: ``fn(module, args, kwargs) -> (args, kwargs) | None``."""
         self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
 
-    def post(self, module: nn.Module, fn: Callable) -> None:
-        """Forward hook with kwargs: ``fn(module, args, kwargs, output) -> output | None``."""
-        self._handles.append(module.register_forward_hook(fn, with_kwargs=True))
+    def post(self, module: nn.Module, fn: Callable, always: bool = False) -> None:
+        """Forward hook with kwargs: ``fn(module, args, kwargs, output) -> output | None``; ``always``: also when the
+        forward (or a pre-hook) raised."""
+        self._handles.append(module.register_forward_hook(fn, with_kwargs=True, always_call=always))
 
     def method(self, obj: object, name: str, make: Callable) -> None:
         """Shadow ``obj.name`` on this one instance by ``make(original)`` until :meth:`remove` (the class is untouched,
