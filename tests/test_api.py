@@ -225,3 +225,15 @@ def test_methods_by_input_kind():
     assert all(vlprune.registry.selector_class(m).video for m in video)
     with pytest.raises(ValueError, match="inputs must be None, 'image' or 'video', got 'audio'"):
         vlprune.list_methods("audio")
+
+
+def test_a_broken_or_missing_yaml_preset_names_the_file(model, tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("stages: [ {method: uniform, keep: 4\n")
+    before = state(model)
+    for target in (path, str(path)):
+        with pytest.raises(ValueError, match=r"config .*broken.yaml' is not valid YAML"):
+            vlprune.wrap(model, target) if isinstance(target, str) else vlprune.load_config(target)
+    with pytest.raises(ValueError, match=r"config file '.*missing.yaml' does not exist"):
+        vlprune.wrap(model, str(tmp_path / "missing.yaml"))
+    assert state(model) == before

@@ -166,7 +166,10 @@ def load_config(name_or_path: str | Path) -> PruneConfig:
             raise ValueError(f"unknown preset {str(name_or_path)!r}; shipped presets: {names}")
         text = resources.files("vlprune.configs").joinpath(f"{name_or_path}.yaml").read_text()
         default_name = str(name_or_path)
-    data = yaml.safe_load(text)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"config {str(name_or_path)!r} is not valid YAML: {error}") from None
     config = PruneConfig.from_dict(data)
     if config.name is None:
         config.name = default_name
@@ -184,6 +187,8 @@ def build_config(method, keep, ratio, layer, positions, params, per=None) -> Pru
         if isinstance(method, str) and name in list_methods():
             stage = Stage(name, keep=keep, ratio=ratio, layer=layer, params=dict(params), per=per or "image")
             return PruneConfig([stage], positions)
+        if isinstance(method, str) and Path(name).suffix in (".yaml", ".yml") and not Path(name).is_file():
+            raise ValueError(f"config file {name!r} does not exist")
         if isinstance(method, str) and name not in preset_names() and not Path(name).exists():
             raise ValueError(
                 f"unknown method {name!r}; available methods: {list_methods()}; presets: {preset_names()}; "
