@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import vlprune
 from vlprune import bench, cli, embedded, shapes, train
@@ -163,8 +164,22 @@ def test_cli_run_answers_the_readme_example(shipped, tmp_path, capsys):
 
 
 def test_cli_errors_and_listings(capsys, tmp_path):
-    with pytest.raises(SystemExit, match=r"unknown method\(s\) \['fastest'\]"):
-        cli.main(["run", "--image", "x.png", "--question", "q", "--methods", "fastest"])
+    assert cli.main(["run", "--image", "x.png", "--question", "q", "--methods", "fastest"]) == 2
+    assert "unknown method(s) ['fastest']" in capsys.readouterr().err
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    bad = {"empty.png": "not a readable image", "text.png": "not a readable image", ".": "is not a file",
+           "none.png": "does not exist"}  # fmt: skip
+    for name, message in bad.items():
+        assert cli.main(["run", "--image", str(tmp_path / name), "--question", "q", "--methods", "uniform"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err  # one line, no traceback
+    image = str(tmp_path / "x.png")
+    Image.new("RGB", (56, 56)).save(image)
+    for model in (str(tmp_path / "no-model"),):  # a hub id would need the network (offline: the same error)
+        assert cli.main(["run", "--image", image, "--question", "q", "--model", model]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot load model {model!r}" in err and err.count("\n") == 1, err
     assert cli.main(["methods"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in vlprune.list_methods())

@@ -73,7 +73,11 @@ def load(model: str | None, dtype="auto", attn_implementation: str = "sdpa") -> 
         return Loaded(net.to(torch.float32 if dtype == "auto" else dtype), processor, "embedded shapes-vlm", True)
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    config = AutoConfig.from_pretrained(model)
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except OSError as error:  # not a folder, not in the cache (offline), no config.json
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"cannot load model {model!r}: {first}") from None
     if config.model_type not in list_models():
         raise ValueError(f"model {model!r} is a {config.model_type!r} model; supported: {list_models()}")
     net = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation)
@@ -237,21 +241,35 @@ def contact_sheet(pictures: list, columns: int = 8, gap: int = 4):
     return sheet
 
 
+def read_image(path: str):
+    """The RGB image at ``path``; a clear ``ValueError`` for a missing path, a folder or a file that is no image."""
+    from PIL import Image, UnidentifiedImageError
+
+    file = Path(path)
+    if not file.exists():
+        raise ValueError(f"--image {path!r} does not exist")
+    if not file.is_file():
+        raise ValueError(f"--image {path!r} is not a file")
+    try:
+        with Image.open(file) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"--image {path!r} is not a readable image ({type(error).__name__})") from None
+
+
 # --- commands ----------------------------------------------------------------------------------------------------
 def cmd_run(args) -> int:
-    from PIL import Image
-
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in list_methods()]
     if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; available: {', '.join(list_methods())}")
+        raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(list_methods())}")
     if args.video is None:
         temporal = [m for m in methods if m in list_methods("video")]
         if temporal:
-            raise SystemExit(f"{temporal} prune videos (give --video); image methods: {list_methods('image')}")
+            raise ValueError(f"{temporal} prune videos (give --video); image methods: {list_methods('image')}")
         if args.frames is not None:
-            raise SystemExit("--frames applies to --video")
-        image, frames = Image.open(args.image).convert("RGB"), None
+            raise ValueError("--frames applies to --video")
+        image, frames = read_image(args.image), None
     else:
         from .video import DEFAULT_FRAMES, load_video
 
