@@ -4,10 +4,10 @@ only its tokens least similar (cosine, same spatial position) to a reference fra
 ``2i``, and the third frame of a group against the group's first. Despite the name, the dropped tokens are
 discarded, not averaged.
 
-This follows the paper and the method as described; the release's ``dycole_ttm`` differs in three ways that look
-like slips and are not reproduced: an odd frame's tokens are ranked with the *previous* pair's similarities
-(``similarities[(i - 2) // 2]``, the last pair's for the first), the third frame of the last group of four is never
-pruned (its loop stops at ``num_frames - 4``), and with an odd frame count the last frame is dropped.
+This follows the paper and the method as described. The release's ``dycole_ttm`` ranks an odd frame's tokens with
+its own pair's similarities, as here (an earlier revision used the previous pair's, a slip the authors fixed); it
+still differs in two ways that look like slips and are not reproduced: the third frame of the last group of four is
+never pruned (its loop stops at ``num_frames - 4``), and with an odd frame count the last frame is dropped.
 
 The second stage prunes the KV cache while decoding (``cache_prune_ratio``, the paper's ``P``; off by default): at
 each step the new token's attention at decoder layer ``cache_layer - 1`` (head mean) over the visual cache entries
