@@ -77,10 +77,11 @@ def merged(x, clusters, k, beta):
     return out
 
 
-def reference(x, attention, keep, tau=0.8, beta=0.6, k=7, context=0.0):
-    """The release's outer-LLM stage: ``{slot: value}`` of the tokens it hands to the LLM."""
+def reference(x, attention, keep, tau=0.8, beta=0.6, k=7, context=0.0, ratio=None):
+    """The release's outer-LLM stage: ``{slot: value}`` of the tokens it hands to the LLM (its retain ratio from the
+    unrounded ``ratio`` when given, else from ``keep``)."""
     windows, saving = best_windows(x, tau)
-    ratio = min(keep / (T * N - saving), 1.0)
+    ratio = min((keep if ratio is None else ratio * T * N) / (T * N - saving), 1.0)
     out = {}
     for start, end in windows:
         static = static_set(x, start, end, tau) if end > start else []
@@ -127,6 +128,21 @@ def test_holitom_matches_the_hand_reference(keep, context):
     for slot, value in expected.items():
         torch.testing.assert_close(got[slot], value, rtol=1e-5, atol=1e-6)
     assert selector.count(view_of(x, attention), keep) == len(expected)
+
+
+def test_a_ratio_budget_reaches_the_release_arithmetic_unrounded():
+    """ratio=0.123 of 54 tokens: the budget rounds to 7, but the release computes its retain ratio from 0.123 itself,
+    which keeps one dynamic token fewer per frame of the second window here."""
+    x = planted_video()
+    attention = torch.rand(T, N, generator=torch.Generator().manual_seed(1))
+    view = view_of(x, attention)
+    view.ratio = 0.123
+    keep = vlprune.Stage("holitom", ratio=0.123).budget(T * N)
+    expected = reference(x, attention, keep, ratio=0.123)
+    assert keep == 7 and len(expected) != len(reference(x, attention, keep))  # the two arithmetics differ here
+    selection = HoliTom(exact=False).select(view, keep)
+    assert sorted(selection.keep.tolist()) == sorted(expected)
+    assert HoliTom(exact=False).count(view, keep) == len(expected)
 
 
 def test_exact_budget_by_largest_remainder():

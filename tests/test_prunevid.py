@@ -124,6 +124,10 @@ def test_budgets():
     assert PruneVid(exact=False).count(view, 36) == 42
     assert PruneVid(exact=False, min_cluster=4).count(view, 36) == 2 * (2 + 4 * 4)  # static 5 -> int(2.5)
     assert PruneVid(exact=False, min_cluster=3).count(view, 36) == 2 * (2 + 4 * 2)
+    # a ratio budget: the release's cluster_ratio is the ratio itself (0.4965), not the rounded 36 / 72 = 0.5
+    view.ratio = 0.4965
+    assert vlprune.Stage("prunevid", ratio=0.4965).budget(T * N) == 36
+    assert PruneVid(exact=False, min_cluster=3).count(view, 36) == 2 * (2 + 4 * 1)
 
 
 def test_inside_the_llm_keeps_the_best_of_each_group():

@@ -292,6 +292,7 @@ def decide(rs: ResolvedStage, inputs: StageInputs, layouts: list[SampleLayout]):
             else:
                 text_slots = torch.nonzero(text & (torch.arange(row.numel()) > slots.max())).flatten()
                 view = _view(inputs, layout, b, j, grid, slots, slot_ordinal[slots], text_slots, wanted)
+                view.ratio = rs.stage.ratio
                 chosen, sources = rs.selector.select(view, k), view.n
                 k = min(rs.selector.count(view, k), view.n)
             selection = check_selection(rs.stage.method, chosen, slots.numel(), sources, k)
@@ -364,6 +365,7 @@ def decide_vision(rs: ResolvedStage, x: torch.Tensor, store: dict, adapter) -> t
             if ("cls_attention", key) in wanted:
                 view.cls_attention[key] = scores[image]
         budget = rs.stage.budget(n)
+        view.ratio = rs.stage.ratio
         sources = x[image] if view.cls_hidden is None else torch.cat([x[image], view.cls_hidden[None]])
         chosen = rs.selector.select(view, budget)
         k = min(rs.selector.count(view, budget), n)

@@ -108,6 +108,9 @@ class TokenView:
         compare against the unpruned image (SparseVLM's rater choice).
     text : TokenView or None
         The text after the image (see the module docstring), when a token-wise signal was requested.
+    ratio : float or None
+        The stage's kept fraction when its budget was given as ``ratio`` (the ``keep`` a selector receives is that
+        fraction rounded): for selectors that reproduce a release's arithmetic on the unrounded ratio.
     others
         See the module docstring; present only when requested.
     """
@@ -137,6 +140,7 @@ class TokenView:
     frame_span: torch.Tensor | None = None
     question: str | None = None
     raw_frames: object | None = None
+    ratio: float | None = None
 
     @property
     def n(self) -> int:

@@ -21,8 +21,9 @@ frame), so the order is the release's (frames in order, positions sorted within 
 A budget covering every token keeps the video untouched. Below that, ``exact=True`` (default) keeps exactly the
 budget: the quotas ``n r'`` of the windows' static sets and the frames' dynamic sets are rounded by largest remainder
 so that they sum to it. ``exact=False`` rounds them as the release does (``round`` for static sets, ``ceil`` for
-dynamic ones), which keeps a few more. Either way a budget above ``T N - S`` keeps ``T N - S``: static positions are
-always merged over their window.
+dynamic ones) from the unrounded ratio when the budget is one (``ratio=r``: the retain ratio is ``r``, not the
+rounded ``keep / (T N)``), which keeps a few more. Either way a budget above ``T N - S`` keeps ``T N - S``: static
+positions are always merged over their window.
 
 **Inner-LLM stage** (the same method at a decoder layer ``K > 0``; the release uses ``K = 18`` and keeps half):
 the budget's tokens with the most attention from the last prompt token at layer ``K - 1`` (head mean) stay; every
@@ -115,7 +116,9 @@ class HoliTom(Selector):
         x = view.features.reshape(frames, per_frame, -1)
         similarity = transition_similarity(x)
         windows, saved = holitom_windows(x, self.threshold, self.max_window, similarity)
-        ratio = min(keep / (view.n - saved), 1.0) if view.n > saved else 1.0
+        # the release's arithmetic starts from the unrounded ratio when the budget was one (exact=False)
+        wanted = view.ratio * view.n if (view.ratio is not None and not self.exact) else keep
+        ratio = min(wanted / (view.n - saved), 1.0) if view.n > saved else 1.0
         statics, sizes = [], []
         for start, end in windows:
             static = static_positions(similarity, start, end, self.threshold).cpu()

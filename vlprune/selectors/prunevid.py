@@ -25,7 +25,8 @@ the cache of the layers it has run, so that decoding reads the kept tokens only.
 rounded by largest remainder; a budget of at least ``M`` merges over time only; a budget covering every token keeps
 the video as it is. Inside the LLM, the same largest-remainder split of the budget over the groups. ``exact=False``
 is the release's counting before the LLM: a group of more than ``min_cluster`` tokens is clustered into
-``int(n_g * r)`` tokens with ``r = keep / (T N)`` (the release's ``cluster_ratio``), smaller groups stay whole.
+``int(n_g * r)`` tokens with ``r`` the release's ``cluster_ratio``: the stage's ratio itself when the budget is one
+(``ratio=r``), else ``keep / (T N)``; smaller groups stay whole.
 
 Order and positions follow vlprune's rules (kept tokens in their slots, original positions by default) where the
 release concatenates a segment's static tokens before its frames' dynamic ones, clusters in score order, and
@@ -109,7 +110,7 @@ class PruneVid(Selector):
             ratio = min(keep / sum(sizes), 1.0)
             counts = largest_remainder([n * ratio for n in sizes], sizes, keep)
         else:
-            ratio = keep / view.n
+            ratio = view.ratio if view.ratio is not None else keep / view.n  # the release's unrounded ratio
             counts = [int(n * ratio) if n > self.min_cluster else n for n in sizes]
         return x, segments, statics, counts
 
