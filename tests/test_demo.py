@@ -148,3 +148,21 @@ def test_demo_takes_a_video_in_headless_chromium(tmp_path):
     assert [r[0] for r in rows] == ["unpruned", "uniform", "dycoke"], rows  # in the list's order
     assert [r[2] for r in rows] == ["65/65", "36/64", "36/64"], rows  # 16 frames x 4 tokens (+ the newline)
     assert all(f"{m}:" in captions for m in ("unpruned", "dycoke", "uniform")), captions
+
+
+def test_the_demo_bounds_uploads_and_fits_its_keep_slider():
+    pytest.importorskip("gradio")
+    from vlprune import demo
+
+    app = demo.launch(port=free_port(), block=False)
+    try:
+        assert app.max_file_size == 20 * 1024 * 1024  # the documented default, 20mb
+        sliders = [c for c in app.blocks.values() if getattr(c, "elem_id", None) == "keep"]
+        assert [s.maximum for s in sliders] == [144]  # the embedded model's 12 x 12 tokens
+    finally:
+        app.close()
+    llava15 = type(
+        "C", (), {"model_type": "llava", "vision_config": type("V", (), {"image_size": 336, "patch_size": 14})}
+    )
+    assert demo.keep_limit(llava15) == 576
+    assert demo.keep_limit(type("C", (), {"model_type": "qwen2_vl"})) == demo.DYNAMIC_LIMIT

@@ -327,7 +327,7 @@ def cmd_tasks(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import launch
 
-    launch(model=args.model, host=args.host, port=args.port)
+    launch(model=args.model, host=args.host, port=args.port, max_file_size=args.max_file_size)
     return 0
 
 
@@ -378,6 +378,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None)
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--max-file-size", default="20mb", help="largest upload accepted (default: 20mb)")
     demo.set_defaults(func=cmd_demo)
     return root
 

@@ -89,8 +89,14 @@ def build(model: str | None = None):
                 chosen = gr.CheckboxGroup(
                     methods, value=[m for m in DEFAULT if m in methods], label="methods", elem_id="methods"
                 )
+                most = keep_limit(loaded.model.config)
                 keep = gr.Slider(
-                    1, 576, value=36, step=1, label="visual tokens kept per image (or video)", elem_id="keep"
+                    1,
+                    most,
+                    value=min(36, most),
+                    step=1,
+                    label="visual tokens kept per image (or video)",
+                    elem_id="keep",
                 )
                 button = gr.Button("Run", variant="primary", elem_id="run")
                 if loaded.is_embedded:
@@ -106,8 +112,31 @@ def build(model: str | None = None):
     return app
 
 
-def launch(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
-    """Start the demo on ``host:port``; with ``block=False`` return the running app (tests)."""
+MAX_UPLOAD = "20mb"  # the default bound on an uploaded image or video (``vlprune demo --max-file-size``)
+DYNAMIC_LIMIT = 4096  # the keep slider's end for families whose images have no fixed token count
+
+
+def keep_limit(config) -> int:
+    """The keep slider's end: the visual tokens of one image for a fixed-grid model (LLaVA: ``(side / patch)^2``,
+    576 for LLaVA-1.5, 144 for the embedded model), else :data:`DYNAMIC_LIMIT` (any-resolution and video models)."""
+    vision = getattr(config, "vision_config", None)
+    side, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if config.model_type == "llava" and isinstance(side, int) and isinstance(patch, int) and patch > 0:
+        return (side // patch) ** 2
+    return DYNAMIC_LIMIT
+
+
+def launch(
+    model: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    block: bool = True,
+    max_file_size: str | int = MAX_UPLOAD,
+):
+    """Start the demo on ``host:port``, refusing uploads over ``max_file_size`` (bytes, or a size such as
+    ``"20mb"``); with ``block=False`` return the running app (tests)."""
     app = build(model)
-    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True)
+    app.launch(
+        server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True, max_file_size=max_file_size
+    )
     return app
