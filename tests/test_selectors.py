@@ -391,3 +391,57 @@ def test_sparsevlm_scores_and_recycled_values(llava_eager):
     for target in set(into[pool].tolist()):  # each recycled token is its cluster's mean
         members = torch.nonzero(into == target).flatten()
         torch.testing.assert_close(plan.merge_weight[0][members], torch.full((members.numel(),), 1 / members.numel()))
+
+
+def release_dart(states: torch.Tensor, keys: torch.Tensor, start: int, length: int, per_pivot: int) -> set[int]:
+    """DART's official selection transcribed: pivots by key L1 norm (4 image, 4 text after the image), kept in a
+    Python set of sequence positions and visited in that set's order; each takes the ``per_pivot`` unpicked image
+    tokens least cosine-similar to it. Returns the kept image tokens' sequence positions."""
+    image = (keys[start : start + length].abs().sum(-1).topk(4).indices + start).tolist()
+    query = (keys[start + length :].abs().sum(-1).topk(4).indices + start + length).tolist()
+    pivots = set(image + query)
+    valid = set(range(start, start + length)) - set(image)
+    for item in list(pivots):
+        candidates = list(valid)
+        similarity = -torch.nn.functional.cosine_similarity(states[item], states[candidates], dim=-1)
+        picked = [candidates[i] for i in similarity.topk(per_pivot).indices.tolist()]
+        pivots.update(picked)
+        valid.difference_update(picked)
+    return pivots - set(query)
+
+
+@pytest.mark.parametrize("start", [5, 35])
+def test_dart_release_pivot_order_matches_the_release(start):
+    """pivot_order="release" visits the pivots as the release's set of positions does; on these inputs the fixed
+    order keeps other tokens (later pivots see different unpicked tokens)."""
+    from vlprune.selectors.dart import dart_pick
+
+    g = torch.Generator().manual_seed(3)
+    n, t, d = 48, 9, 16
+    states = torch.randn(start + n + t, d, generator=g)
+    keys = torch.randn(start + n + t, d, generator=g)
+    image, text = slice(start, start + n), slice(start + n, None)
+    positions = (torch.arange(n) + start, torch.arange(t) + start + n)
+    args = (states[image], keys[image], states[text], keys[text], 4, 4, 5)
+    release = dart_pick(*args, positions=positions)
+    assert set((release + start).tolist()) == release_dart(states, keys, start, n, 5)
+    assert set(dart_pick(*args).tolist()) != set(release.tolist())
+
+
+def test_dart_release_order_reads_positions_in_the_unpadded_prompt(llava, monkeypatch):
+    """Through wrap(), the release order sees each sample's positions as a batch of one would: input rows minus the
+    sample's left padding (the image tokens and the text after them)."""
+    from vlprune.selectors import dart
+
+    seen = []
+    original = dart.dart_pick
+    monkeypatch.setattr(dart, "dart_pick", lambda *a, positions=None: seen.append(positions) or original(*a))
+    prompts = [prompt(llava, 3, 6, images=1), prompt(llava, 1, 2, images=1, seed=1)]
+    ids, mask = batch(prompts)
+    with vlprune.wrap(llava, "dart", keep=8, layer=1, pivot_order="release"), torch.no_grad():
+        llava(input_ids=ids, attention_mask=mask, pixel_values=pixels(2))
+    for p, (image, text) in zip(prompts, seen, strict=True):
+        row = torch.tensor(p)
+        visual = (row == 100).nonzero().flatten()
+        assert image.tolist() == visual.tolist()
+        assert text.tolist() == list(range(int(visual[-1]) + 1, len(p)))

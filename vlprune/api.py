@@ -299,7 +299,9 @@ class Pruned(Decoding, CallerHints, CallGuards):
     def _stage_inputs(self, stage: ResolvedStage, layer: int, hidden: torch.Tensor) -> StageInputs:
         call = self._call
         rows = call.segment.rows
-        inputs = StageInputs(rows=rows, vision=self._vision, embeddings=call.embeddings)
+        mask = call.attention_mask
+        pads = (mask == 0).sum(1) if mask is not None and mask.dim() == 2 else None  # left padding, no sync
+        inputs = StageInputs(rows=rows, vision=self._vision, embeddings=call.embeddings, pads=pads)
         wanted = {(r.name, r.layer) for r in stage.requests}
         for name, per_layer in call.llm.items():
             for key, (old_rows, value) in per_layer.items():

@@ -159,6 +159,7 @@ class StageInputs:
     embeddings: torch.Tensor | None = None
     spans: list[torch.Tensor] | None = None
     query: tuple[list, list | None] | None = None
+    pads: torch.Tensor | None = None  # (B,) left-padding tokens of each sample (input row - pad = its position)
 
 
 def _tokenwise(view: TokenView, inputs: StageInputs, b: int, slots: torch.Tensor, rows: torch.Tensor, wanted) -> None:
@@ -204,6 +205,7 @@ def _view(inputs: StageInputs, layout, b: int, j: int, grid, slots, ordinals, te
     vision, row = inputs.vision, inputs.rows[b].cpu()
     local = layout.local[ordinals]
     view = TokenView(index=local, grid=grid, image=j, frames=layout.frames[j] if layout.frames else 1)
+    view.rows, view.pad = row[slots], (inputs.pads[b] if inputs.pads is not None else 0)
     if inputs.spans is not None and ("frames", None) in wanted:
         view.frame_span = inputs.spans[b][ordinals]
     if inputs.query is not None and ("query", None) in wanted:
@@ -241,6 +243,7 @@ def _view(inputs: StageInputs, layout, b: int, j: int, grid, slots, ordinals, te
     _tokenwise(view, inputs, b, slots, row[slots], wanted)
     if any(name in TOKENWISE for name, _ in wanted):
         view.text = TokenView(index=text_slots, grid=None, image=j)
+        view.text.rows, view.text.pad = row[text_slots], view.pad
         _tokenwise(view.text, inputs, b, text_slots, row[text_slots], wanted)
     return view
 

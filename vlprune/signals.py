@@ -108,6 +108,9 @@ class TokenView:
         compare against the unpruned image (SparseVLM's rater choice).
     text : TokenView or None
         The text after the image (see the module docstring), when a token-wise signal was requested.
+    rows, pad : LongTensor (n,), int or 0-d tensor
+        In a decoder stage: each candidate's row in the (left-padded) input and its sample's left padding, so
+        ``rows - pad`` are the positions in the unpadded prompt (what a batch-of-one release indexes by).
     ratio : float or None
         The stage's kept fraction when its budget was given as ``ratio`` (the ``keep`` a selector receives is that
         fraction rounded): for selectors that reproduce a release's arithmetic on the unrounded ratio.
@@ -141,6 +144,8 @@ class TokenView:
     question: str | None = None
     raw_frames: object | None = None
     ratio: float | None = None
+    rows: torch.Tensor | None = None
+    pad: torch.Tensor | int = 0
 
     @property
     def n(self) -> int:

@@ -21,6 +21,7 @@ def dart_pick(
     image_pivots: int,
     text_pivots: int,
     per_pivot: list[int] | int,
+    positions: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """DART's choice for one image.
 
@@ -29,12 +30,20 @@ def dart_pick(
     still-unpicked non-pivot visual tokens with the lowest cosine similarity of hidden states to the pivot are added,
     ``per_pivot`` of them (an int for every pivot, or a list with one count per pivot). Returns the image pivots
     followed by the picks, as candidate indices.
+
+    ``positions`` (the candidates' and the text tokens' positions in the prompt) visits the pivots in the release's
+    order instead: it keeps them in a Python ``set`` of those positions and iterates it, an order CPython fixes for
+    integers (by hash slot), so the same positions give the same order.
     """
     # indices on the CPU (the picks' bookkeeping is there), whatever device the signals are on
     pivots = top_k(keys.float().abs().sum(-1), min(image_pivots, hidden.shape[0])).cpu()
     text = top_k(text_keys.float().abs().sum(-1), min(text_pivots, text_hidden.shape[0])).cpu()
     anchors = torch.cat([hidden[pivots], text_hidden[text]]).float()
     counts = per_pivot if isinstance(per_pivot, list) else [per_pivot] * anchors.shape[0]
+    if positions is not None:
+        at = positions[0][pivots].tolist() + positions[1][text].tolist()  # each anchor's position in the prompt
+        order = [at.index(p) for p in set(at)]
+        anchors = anchors[order]  # counts stay by visit: the first pivots visited take the extra picks
     available = torch.ones(hidden.shape[0], dtype=torch.bool)
     available[pivots] = False
     normed = F.normalize(hidden.float(), dim=-1)
@@ -60,12 +69,15 @@ class DART(Selector):
     ``keep - image_pivots`` picks are spread over the pivots (the first pivots take one more when it does not divide).
     ``exact=False`` reproduces the official counting, where a budget ``M`` gives every pivot ``M // 8`` picks
     (``image_pivots + text_pivots = 8``), so "128" keeps 4 + 8*16 = 132 visual tokens (68 for 64, 196 for 192).
-    The official code iterates its pivots as a set; here the order is fixed (image pivots, then text pivots).
+    The official code iterates its pivots as a Python set of their positions in the prompt; by default the order
+    here is fixed (image pivots, then text pivots, each by decreasing key norm), ``pivot_order="release"`` follows the
+    release's set order (the presets use it), which changes which tokens later pivots can still pick.
     """
 
     image_pivots: int = 4
     text_pivots: int = 4
     exact: bool = True
+    pivot_order: str = "fixed"
 
     default_layer = 2
     summary = "key-norm pivots, keep tokens least duplicated (cosine) per pivot, before layer K (default 2)"
@@ -76,6 +88,8 @@ class DART(Selector):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"dart {name} must be an int >= 0, got {value!r}")
+        if self.pivot_order not in ("fixed", "release"):
+            raise ValueError(f"dart pivot_order must be 'fixed' or 'release', got {self.pivot_order!r}")
         if self.image_pivots + self.text_pivots == 0:
             raise ValueError("dart needs at least one pivot (image_pivots + text_pivots >= 1)")
 
@@ -109,4 +123,11 @@ class DART(Selector):
             image,
             text,
             [base + (i < extra) for i in range(image + text)],
+            positions=self._positions(view),
         )
+
+    def _positions(self, view: TokenView) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.pivot_order != "release" or view.rows is None or view.text.rows is None:
+            return None
+        pad = int(view.pad)
+        return view.rows - pad, view.text.rows - pad
