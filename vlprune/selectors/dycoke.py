@@ -7,7 +7,9 @@ discarded, not averaged.
 This follows the paper and the method as described. The release's ``dycole_ttm`` ranks an odd frame's tokens with
 its own pair's similarities, as here (an earlier revision used the previous pair's, a slip the authors fixed); it
 still differs in two ways that look like slips and are not reproduced: the third frame of the last group of four is
-never pruned (its loop stops at ``num_frames - 4``), and with an odd frame count the last frame is dropped.
+never pruned (its loop stops at ``num_frames - 4``), and with an odd frame count the last frame is dropped. The
+release also feeds a pruned frame's kept tokens in ascending-similarity order; here they stay in position order,
+which differs from the release only under ``positions="renumber"`` (the ``dycoke-paper`` preset; not measured).
 
 The second stage prunes the KV cache while decoding (``cache_prune_ratio``, the paper's ``P``; off by default): at
 each step the new token's attention at decoder layer ``cache_layer - 1`` (head mean) over the visual cache entries

@@ -16,7 +16,10 @@ before the LLM, its outer-LLM stage.
    are DPC-KNN centres of the others, merged as above. The release runs with ``context = 0``: purely by attention.
 
 Every output token keeps the slot of the token it comes from (a static centre: its position in the window's first
-frame), so the order is the release's (frames in order, positions sorted within each frame).
+frame), so the LLM sees them in position order (frames in order, positions sorted within each frame). The release
+feeds each window's static tokens before its frames' dynamic ones: with original positions that changes nothing
+(every token keeps its rotary position), with ``positions="renumber"`` (the ``holitom-*`` presets) the LLM sees
+another sequence than the release's; the effect on accuracy is not measured yet.
 
 A budget covering every token keeps the video untouched. Below that, ``exact=True`` (default) keeps exactly the
 budget: the quotas ``n r'`` of the windows' static sets and the frames' dynamic sets are rounded by largest remainder
