@@ -216,3 +216,24 @@ def test_bench_writes_csv_and_table(shipped, tmp_path):
         assert len(list(csv.DictReader(f))) == 3
     table = (tmp_path / "table.md").read_text()
     assert "| `fastv` |" in table and "25% (36 tok)" in table
+
+
+def test_run_checks_its_arguments_before_loading_a_model(capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "load", no_model)
+    image = "x.png"  # the arguments fail before the image is read
+    bad = {
+        ("--keep", "0"): "keep must be >= 1",
+        ("--ratio", "1.5"): "ratio must be",
+        ("--question", "  "): "--question is empty",
+        ("--max-new-tokens", "0"): "--max-new-tokens must be >= 1",
+    }
+    for extra, message in bad.items():
+        argv = ["run", "--image", image, "--question", "q", *extra]
+        assert cli.main(argv) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as version:
+        cli.main(["--version"])
+    assert version.value.code == 0 and capsys.readouterr().out.strip() == f"vlprune {vlprune.__version__}"

@@ -257,8 +257,23 @@ def read_image(path: str):
         raise ValueError(f"--image {path!r} is not a readable image ({type(error).__name__})") from None
 
 
+def check_run_arguments(args) -> None:
+    """The arguments of ``vlprune run`` that need no model, checked before one loads (a bad budget or an empty
+    question must not wait for a model and an unpruned run)."""
+    from .config import Stage
+
+    Stage("uniform", **budget_of(args))  # keep >= 1, ratio in (0, 1]
+    if not args.question.strip():
+        raise ValueError("--question is empty")
+    for name in ("frames", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
 # --- commands ----------------------------------------------------------------------------------------------------
 def cmd_run(args) -> int:
+    check_run_arguments(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in list_methods()]
     if unknown:
@@ -331,8 +346,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="vlprune", description="Visual-token pruning for vision-language models")
+    root.add_argument("--version", action="version", version=f"vlprune {_version()}")
     sub = root.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="answer a question with several methods side by side")
     media = run.add_mutually_exclusive_group(required=True)
