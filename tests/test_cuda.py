@@ -42,8 +42,7 @@ KERNEL_SIZES = {  # (batch, tokens, width, kept per sample)
 
 
 def shapes(name: str):
-    family = FAMILIES[name]
-    return ((3, 2, family.sizes), (1, 3, family.sizes)) if name == "llava" else shapes_of(name)[:2]
+    return shapes_of(name)[:2]
 
 
 def to_device(inputs: dict, dtype) -> dict:

@@ -21,6 +21,7 @@ SHAPES = {
     "llava_next": ((3, 2, ((56, 112),)), (1, 3, ((30, 112), (56, 56))), (5, 1, ((56, 56),))),  # pixels (H, W)
     "llava_next_video": ((3, 2, ((56, 112),)), (1, 3, ((30, 112), (56, 56))), (5, 1, ((56, 56),))),
     "llava_onevision": ((3, 2, ((224, 224),)), (1, 3, ((30, 112), (56, 56))), (5, 1, ((56, 112),))),
+    "llava": ((3, 2, (16,)), (1, 3, (16, 16)), (5, 1, (16,))),  # tokens per image (56 px CLIP images)
 }
 VIDEO_SHAPES = {  # Qwen-VL: (t, h, w) patch grids; LLaVA-OneVision, LLaVA-NeXT-Video: frames (one count per batch)
     "qwen": ((3, 2, ((2, 4, 8),)), (1, 3, ((1, 4, 8), (2, 8, 8))), (5, 1, ((3, 4, 4),))),

@@ -31,7 +31,7 @@ def recorded_calls(name: str) -> list[dict]:
     """Per model forward of a 3-token greedy ``generate``: the keywords given, which hold a ``Cache``, its length."""
     family = FAMILIES[name]
     model = family.build(2)
-    shapes = ((3, 2, family.sizes),) if name == "llava" else shapes_of(name)[:1]  # LLaVA's sizes are token counts
+    shapes = shapes_of(name)[:1]
     inputs = family.inputs(model, shapes)
     calls = []
 
@@ -111,7 +111,7 @@ def test_a_sampled_image_placeholder_decodes_as_a_plain_token(name):
     prefill alone."""
     family = FAMILIES[name]
     model = family.build(2)
-    shapes = ((3, 2, family.sizes),) if name == "llava" else shapes_of(name)[:1]
+    shapes = shapes_of(name)[:1]
     inputs = family.inputs(model, shapes)
     image, length = model.config.image_token_id, inputs["input_ids"].shape[1]
     vocabulary = list(range(model.config.get_text_config().vocab_size))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import embedded
+from . import __version__, embedded
 from .api import wrap
 from .registry import adapter_class, list_methods, list_models, selector_class
 
@@ -346,15 +346,11 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
 def parser() -> argparse.ArgumentParser:
+    from .demo import MAX_UPLOAD  # the demo imports gradio only when it builds its app
+
     root = argparse.ArgumentParser(prog="vlprune", description="Visual-token pruning for vision-language models")
-    root.add_argument("--version", action="version", version=f"vlprune {_version()}")
+    root.add_argument("--version", action="version", version=f"vlprune {__version__}")
     sub = root.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="answer a question with several methods side by side")
     media = run.add_mutually_exclusive_group(required=True)
@@ -400,7 +396,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None)
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=7860)
-    demo.add_argument("--max-file-size", default="20mb", help="largest upload accepted (default: 20mb)")
+    demo.add_argument("--max-file-size", default=MAX_UPLOAD, help=f"largest upload accepted (default: {MAX_UPLOAD})")
     demo.set_defaults(func=cmd_demo)
     return root
 
