@@ -78,8 +78,9 @@ def merged(x, clusters, k, beta):
 
 
 def reference(x, attention, keep, tau=0.8, beta=0.6, k=7, context=0.0, ratio=None):
-    """The release's outer-LLM stage: ``{slot: value}`` of the tokens it hands to the LLM (its retain ratio from the
-    unrounded ``ratio`` when given, else from ``keep``)."""
+    """The release's outer-LLM stage: ``{slot: value}`` of the tokens it hands to the LLM, in the order it hands them
+    (its ``one_token`` mode: per window, the static centres, then per frame the dominant tokens and the contextual
+    ones, each set in position order; its retain ratio from the unrounded ``ratio`` when given, else from ``keep``)."""
     windows, saving = best_windows(x, tau)
     ratio = min((keep if ratio is None else ratio * T * N) / (T * N - saving), 1.0)
     out = {}
@@ -94,7 +95,7 @@ def reference(x, attention, keep, tau=0.8, beta=0.6, k=7, context=0.0, ratio=Non
             count = math.ceil(len(moving) * ratio)
             dominant = round(count * (1 - context))
             order = sorted(moving, key=lambda p: (-float(attention[f, p]), p))
-            for p in order[:dominant]:
+            for p in sorted(order[:dominant]):  # in position order: the release's masked_select
                 out[f * N + p] = x[f, p]
             rest = order[dominant:]
             if count - dominant:
@@ -128,6 +129,23 @@ def test_holitom_matches_the_hand_reference(keep, context):
     for slot, value in expected.items():
         torch.testing.assert_close(got[slot], value, rtol=1e-5, atol=1e-6)
     assert selector.count(view_of(x, attention), keep) == len(expected)
+
+
+@pytest.mark.parametrize("context", [0.0, 0.5], ids=["release", "context0.5"])
+def test_release_order_is_the_releases_sequence(context):
+    """``order="release"``: the outputs come in the release's sequence (windows' static centres before their frames'
+    dynamic tokens), which the core then feeds in that order; ``order="position"`` leaves the order to the core."""
+    x = planted_video().flip(1)  # static positions last in each frame, so that the two orders differ
+    attention = torch.rand(T, N, generator=torch.Generator().manual_seed(1))
+    expected = reference(x, attention, 17, context=context)
+    selection = HoliTom(exact=False, context=context, order="release").select(view_of(x, attention), 17)
+    assert selection.ordered and selection.keep.tolist() == list(expected)
+    assert selection.keep.tolist() != sorted(expected)
+    for value, slot in zip(selection.apply(x.reshape(T * N, D)), expected, strict=True):
+        torch.testing.assert_close(value, expected[slot], rtol=1e-5, atol=1e-6)
+    assert not HoliTom(exact=False, context=context).select(view_of(x, attention), 17).ordered
+    with pytest.raises(ValueError, match=r"holitom order must be one of \('position', 'release'\), got 'sorted'"):
+        HoliTom(order="sorted")
 
 
 def test_a_ratio_budget_reaches_the_release_arithmetic_unrounded():

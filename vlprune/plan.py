@@ -29,8 +29,9 @@ class KeepPlan:
         Per sample, the number of visual tokens before any pruning.
     merged_into : list of LongTensor
         Per sample, for each of its ``num_visual`` visual tokens, the visual index (an entry of ``keep_visual``)
-        of the kept token whose value it went into: itself when kept as is, another kept token when merged, ``-1``
-        when discarded (or removed by an earlier stage).
+        of the kept token whose value it went into: itself when kept as is, another kept token when merged (or, with
+        weight 1, when an ``ordered`` selection moved it into that token's slot), ``-1`` when discarded (or removed by
+        an earlier stage).
     merge_weight : list of Tensor
         Per sample, the weight of each visual token in the token it went into (``1`` when kept as is, ``0`` when
         discarded).

@@ -98,6 +98,11 @@ def resolve(config: PruneConfig, adapter) -> list[ResolvedStage]:
             )
         for request in requests:
             adapter.check_request(request, stage.method)
+        if selector.feeds_order() and config.positions != "renumber":
+            raise ValueError(
+                f"{stage.method!r} with order='release' feeds the release's token order, which the release reads at "
+                "contiguous positions: use positions='renumber' (or order='position')"
+            )
         if selector.compacts_earlier_cache(layer):
             kinds = {layer_kind(adapter.text_config, i) for i in range(layer)}
             if layer == 0 or kinds - {"full_attention"}:
@@ -135,7 +140,20 @@ def check_selection(method: str, chosen, n: int, sources: int, k: int) -> Select
             bad = bad or bool(source.numel() and (source.min() < 0 or source.max() >= sources))
         if bad:
             raise RuntimeError(f"selector {method!r} returned a merge map that does not fit {sources} sources -> {k}")
-    return Selection(keep, into, weight, source)
+    return Selection(keep, into, weight, source, selection.ordered)
+
+
+def in_llm_order(selection: Selection, sources: int) -> tuple[Selection, torch.Tensor]:
+    """The selection and the candidate whose slot each output occupies: ``keep[i]``, or for an ``ordered``
+    selection the ``i``-th kept candidate in position order (a reordering becomes a merge of weight 1)."""
+    target = torch.sort(selection.keep).values
+    if not selection.ordered or torch.equal(target, selection.keep):
+        return selection, selection.keep
+    if selection.into is None:
+        into = torch.full((sources,), -1, dtype=torch.long)
+        into[selection.keep] = torch.arange(selection.keep.numel())
+        selection = Selection(selection.keep, into, torch.ones(sources), ordered=True)
+    return selection, target
 
 
 @dataclass
@@ -299,6 +317,10 @@ def decide(rs: ResolvedStage, inputs: StageInputs, layouts: list[SampleLayout]):
                 chosen, sources = rs.selector.select(view, k), view.n
                 k = min(rs.selector.count(view, k), view.n)
             selection = check_selection(rs.stage.method, chosen, slots.numel(), sources, k)
+            if decided is None:
+                selection, target = in_llm_order(selection, int(sources))
+            else:
+                target = selection.keep
             kept.append(slots[selection.keep])
             ordinals = slot_ordinal[slots]
             if selection.into is None:
@@ -314,13 +336,13 @@ def decide(rs: ResolvedStage, inputs: StageInputs, layouts: list[SampleLayout]):
             first = torch.ones(order.numel(), dtype=torch.bool)
             first[1:] = source[order][1:] != source[order][:-1]
             pick = order[first]
-            into_b[ordinals[source[pick]]] = ordinals[selection.keep[into[pick]]]
+            into_b[ordinals[source[pick]]] = ordinals[target[into[pick]]]
             weight_b[ordinals[source[pick]]] = weight[pick]
             if selection.source is not None:
-                pairs_b.append((ordinals[source], ordinals[selection.keep[into]], weight))
+                pairs_b.append((ordinals[source], ordinals[target[into]], weight))
             if decided is None:
                 src.append(slots[source])
-                dst.append(slots[selection.keep[into]])
+                dst.append(slots[target[into]])
                 wts.append(weight)
         slots_b = torch.sort(torch.cat(kept)).values
         keep_slots.append(slots_b)

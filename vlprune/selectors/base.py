@@ -35,12 +35,18 @@ class Selection:
         Weight of each source (contribution) in its output.
     source : LongTensor (P,) or None
         Source index of each contribution; ``None``: contribution ``j`` is source ``j``.
+    ordered : bool
+        The outputs are in the order the LLM should read them (a release's own order; see
+        :meth:`Selector.feeds_order`): the core lays output ``i`` in the ``i``-th of the kept slots in position order,
+        so that under ``positions="renumber"`` the LLM sees them in this order at contiguous positions. A kept slot
+        then holds another kept token's value, which the plan records as a merge of weight 1.
     """
 
     keep: torch.Tensor
     into: torch.Tensor | None = None
     weight: torch.Tensor | None = None
     source: torch.Tensor | None = None
+    ordered: bool = False
 
     def pairs(self, sources: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(source, output, weight)`` of every contribution (``into >= 0``), for ``sources`` sources."""
@@ -50,8 +56,8 @@ class Selection:
         return source[used], into[used], self.weight.cpu()[used]
 
     @staticmethod
-    def pruned(keep: torch.Tensor) -> Selection:
-        return Selection(torch.as_tensor(keep).long())
+    def pruned(keep: torch.Tensor, ordered: bool = False) -> Selection:
+        return Selection(torch.as_tensor(keep).long(), ordered=ordered)
 
     def apply(self, sources: torch.Tensor) -> torch.Tensor:
         """The ``(k, D)`` output tokens from ``sources`` (S, D), accumulated in fp32."""
@@ -96,6 +102,11 @@ class Selector:
         into ``scores``) that layers ``layer`` and after attend to at this step, or ``None`` for all of them;
         ``state`` is a dict kept per sample across the steps of one generation."""
         return None
+
+    def feeds_order(self) -> bool:
+        """Whether this selector (as configured) returns :class:`Selection` with ``ordered=True``: outputs in the
+        order its release feeds them to the LLM, which needs ``positions="renumber"`` (the core checks it)."""
+        return False
 
     def compacts_earlier_cache(self, layer: int) -> bool:
         """Whether a stage of this selector at decoder ``layer`` also drops its tokens from the KV cache of the layers
@@ -159,6 +170,15 @@ def check_params(method: str, unit: dict | None = None, counts: dict | None = No
     for name, value in (numbers or {}).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{method} {name} must be a number, got {value!r}")
+
+
+ORDERS = ("position", "release")
+
+
+def check_order(method: str, order) -> None:
+    """Raise for an ``order`` hyper-parameter that is not one of :data:`ORDERS`."""
+    if order not in ORDERS:
+        raise ValueError(f"{method} order must be one of {ORDERS}, got {order!r}")
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -7,9 +7,11 @@ discarded, not averaged.
 This follows the paper and the method as described. The release's ``dycole_ttm`` ranks an odd frame's tokens with
 its own pair's similarities, as here (an earlier revision used the previous pair's, a slip the authors fixed); it
 still differs in two ways that look like slips and are not reproduced: the third frame of the last group of four is
-never pruned (its loop stops at ``num_frames - 4``), and with an odd frame count the last frame is dropped. The
-release also feeds a pruned frame's kept tokens in ascending-similarity order; here they stay in position order,
-which differs from the release only under ``positions="renumber"`` (the ``dycoke-paper`` preset; not measured).
+never pruned (its loop stops at ``num_frames - 4``), and with an odd frame count the last frame is dropped.
+
+The release feeds a pruned frame's kept tokens in ascending-similarity order (frames in order) at contiguous
+positions: ``order="release"`` feeds that sequence (it needs ``positions="renumber"``; the ``dycoke-paper`` preset
+uses both); ``order="position"`` (default) keeps every token in its own slot.
 
 The second stage prunes the KV cache while decoding (``cache_prune_ratio``, the paper's ``P``; off by default): at
 each step the new token's attention at decoder layer ``cache_layer - 1`` (head mean) over the visual cache entries
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 
 from ..registry import register_selector
 from ..signals import SignalRequest, TokenView
-from .base import Selector, only_layer0, top_k, whole_video
+from .base import Selection, Selector, check_order, only_layer0, top_k, whole_video
 
 GROUP = 4  # frames per group: the first is kept whole
 
@@ -68,12 +70,14 @@ class DyCoke(Selector):
     earlier frames first); it must cover the first frames of all groups, kept whole. ``prune_ratio`` (the paper's
     ``K``, 0.7 in its release) instead keeps ``int((1 - K) * N)`` of the ``N`` tokens of every other frame, the
     paper's own count, whatever the budget. ``cache_prune_ratio`` / ``cache_layer`` / ``cache_threshold``: the
-    decode-time stage (the paper's ``P``, ``L``, 0.7 / 3 / 0.9 in its release; off unless ``P`` is given)."""
+    decode-time stage (the paper's ``P``, ``L``, 0.7 / 3 / 0.9 in its release; off unless ``P`` is given). ``order``:
+    ``"position"`` or the ``"release"``'s token order (see the module docstring)."""
 
     prune_ratio: float | None = None
     cache_prune_ratio: float | None = None
     cache_layer: int = 3
     cache_threshold: float = 0.9
+    order: str = "position"
 
     summary = "DyCoke TTM: keep every 4th frame, others keep tokens least like their reference frame (video)"
     paper = "https://arxiv.org/abs/2411.15024"
@@ -86,6 +90,10 @@ class DyCoke(Selector):
                 raise ValueError(f"dycoke {name} must be in [0, 1], got {value!r}")
         if isinstance(self.cache_layer, bool) or not isinstance(self.cache_layer, int) or self.cache_layer < 1:
             raise ValueError(f"dycoke cache_layer must be an integer >= 1, got {self.cache_layer!r}")
+        check_order("dycoke", self.order)
+
+    def feeds_order(self) -> bool:
+        return self.order == "release"
 
     def cache_stage(self) -> CachePruning | None:
         if self.cache_prune_ratio is None:
@@ -103,7 +111,7 @@ class DyCoke(Selector):
         kept_anchors = len(anchors(frames))
         return kept_anchors * per_frame + (frames - kept_anchors) * int((1 - self.prune_ratio) * per_frame)
 
-    def select(self, view: TokenView, keep: int) -> torch.Tensor:
+    def select(self, view: TokenView, keep: int) -> torch.Tensor | Selection:
         frames, per_frame = whole_video("dycoke", view)
         whole = anchors(frames)
         others = [f for f in range(frames) if f not in whole]
@@ -116,10 +124,11 @@ class DyCoke(Selector):
                 f"x {per_frame} tokens) needs keep >= {need} (ratio >= {need / view.n:.3f}), got {keep}"
             )
         x = view.features.reshape(frames, per_frame, -1)  # (T, N, D); one frame pair in fp32 at a time
-        chosen = [torch.arange(f * per_frame, (f + 1) * per_frame) for f in whole]
+        chosen = {f: torch.arange(f * per_frame, (f + 1) * per_frame) for f in whole}
         for i, f in enumerate(others):
             n = spare // len(others) + (i < spare % len(others))
             similarity = F.cosine_similarity(x[f].float(), x[reference_frame(f)].float(), dim=-1)  # (N,)
-            least = torch.sort(similarity, stable=True).indices[:n]
-            chosen.append(f * per_frame + least.cpu())
-        return torch.cat(chosen)
+            least = torch.sort(similarity, stable=True).indices[:n]  # ascending similarity, the release's order
+            chosen[f] = f * per_frame + least.cpu()
+        chosen = torch.cat([chosen[f] for f in range(frames)])  # frames in order
+        return Selection.pruned(chosen, ordered=True) if self.feeds_order() else chosen

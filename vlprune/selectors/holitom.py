@@ -15,11 +15,12 @@ before the LLM, its outer-LLM stage.
    attention in the vision tower's feature layer (mean over heads and queries, pooled like the features); the rest
    are DPC-KNN centres of the others, merged as above. The release runs with ``context = 0``: purely by attention.
 
-Every output token keeps the slot of the token it comes from (a static centre: its position in the window's first
-frame), so the LLM sees them in position order (frames in order, positions sorted within each frame). The release
-feeds each window's static tokens before its frames' dynamic ones: with original positions that changes nothing
-(every token keeps its rotary position), with ``positions="renumber"`` (the ``holitom-*`` presets) the LLM sees
-another sequence than the release's; the effect on accuracy is not measured yet.
+**Token order.** With ``order="position"`` (default) every output token keeps the slot of the token it comes from
+(a static centre: its position in the window's first frame), so the LLM sees them in position order. The release
+(its ``one_token`` newline mode, LLaVA-OneVision's video layout) concatenates, window by window, the static centres
+(in position order) and then each frame's dynamic tokens (the attention-picked ones in position order, then the
+density-merged ones in position order), and numbers them contiguously. ``order="release"`` feeds exactly that
+sequence; it needs ``positions="renumber"``, and the ``holitom-*`` presets use both.
 
 A budget covering every token keeps the video untouched. Below that, ``exact=True`` (default) keeps exactly the
 budget: the quotas ``n r'`` of the windows' static sets and the frames' dynamic sets are rounded by largest remainder
@@ -50,7 +51,7 @@ import torch
 from ..registry import register_selector
 from ..signals import SignalRequest, TokenView
 from ..temporal import holitom_windows, static_positions, transition_similarity
-from .base import Selection, Selector, check_params, top_k, whole_video
+from .base import Selection, Selector, check_order, check_params, top_k, whole_video
 from .sparsevlm import ascending_clusters
 
 
@@ -89,7 +90,8 @@ def cluster_merge(x: torch.Tensor, clusters: int, k: int, beta: float) -> tuple[
 class HoliTom(Selector):
     """HoliTom's outer-LLM stage (see the module docstring): ``threshold`` (the paper's tau, 0.8; 0.65 at 10 %),
     ``beta`` (0.6), ``k`` (DPC-KNN neighbours, 7), ``context`` (share of each frame's dynamic count merged by
-    density rather than picked by attention, the release's ``D`` = 0), ``max_window`` (1024 frames), ``exact``."""
+    density rather than picked by attention, the release's ``D`` = 0), ``max_window`` (1024 frames), ``exact``,
+    ``order`` (``"position"`` or the ``"release"``'s sequence, see the module docstring)."""
 
     threshold: float = 0.8
     beta: float = 0.6
@@ -97,6 +99,7 @@ class HoliTom(Selector):
     context: float = 0.0
     max_window: int = 1024
     exact: bool = True
+    order: str = "position"
 
     summary = "HoliTom: DP temporal windows, static tokens merged over time and clustered, dynamic by attention (video)"
     paper = "https://arxiv.org/abs/2505.21334"
@@ -106,6 +109,10 @@ class HoliTom(Selector):
     def __post_init__(self) -> None:
         unit = {"beta": self.beta, "context": self.context}
         check_params("holitom", unit, {"k": self.k, "max_window": self.max_window}, {"threshold": self.threshold})
+        check_order("holitom", self.order)
+
+    def feeds_order(self) -> bool:
+        return self.order == "release"
 
     def requests(self, layer: int, vision_depth: int) -> list[SignalRequest]:
         if layer > 0:  # the inner-LLM stage
@@ -174,13 +181,13 @@ class HoliTom(Selector):
             moving = torch.nonzero(~static).flatten()
             for frame in range(start, end + 1):
                 self._dynamic(x[frame], attention[frame], moving, frame * per_frame, next(group), emit)
-        return Selection(torch.tensor(keep_slots, dtype=torch.long), into, weight)
+        return Selection(torch.tensor(keep_slots, dtype=torch.long), into, weight, ordered=self.feeds_order())
 
     def _dynamic(self, x, attention, moving, offset: int, count: int, emit) -> None:
         """One frame's dynamic tokens ``moving``: the dominant ones by received attention, then density-merged
         context tokens from the rest."""
         dominant = round(count * (1 - self.context))
-        chosen = moving[top_k(attention[moving], dominant)]
+        chosen = torch.sort(moving[top_k(attention[moving], dominant)]).values  # position order, as the release
         emit(offset + chosen, offset + chosen, torch.arange(dominant), torch.ones(dominant))
         contextual = count - dominant
         if contextual:
