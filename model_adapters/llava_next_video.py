@@ -18,7 +18,8 @@ from ..hooks import HookSet
 from ..registry import register_adapter
 from ..signals import SIGNALS, SignalRequest
 from .base import Adapter
-from .llava_next import TILE_LEVEL, LlavaNextAdapter, PooledVideos
+from .llava_next import TILE_LEVEL, LlavaNextAdapter
+from .pooled_videos import PooledVideos
 
 
 @register_adapter("llava_next_video")

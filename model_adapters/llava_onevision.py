@@ -24,7 +24,8 @@ from ..registry import register_adapter
 from ..schedule import SampleLayout
 from ..signals import SIGNALS, SignalRequest
 from .base import Adapter
-from .llava_next import LlavaNextAdapter, PooledVideos
+from .llava_next import LlavaNextAdapter
+from .pooled_videos import PooledVideos
 
 PER_PATCH = ("cls_attention", "vision_hidden", "vision_keys", "vision_qkv", "projector")
 

@@ -12,7 +12,8 @@ import torch
 from test_families import DYCOKE_SHAPES, check_method, run, shapes_of, video_shapes
 
 import vlprune
-from vlprune.selectors.holitom import HoliTom, largest_remainder
+from vlprune.selectors.holitom import HoliTom
+from vlprune.selectors.shared import largest_remainder
 from vlprune.signals import TokenView
 
 from families import FAMILIES, VIDEO_FAMILIES

@@ -81,7 +81,7 @@ def hand_reference(x, keep, tau=0.8, k=7):
             groups.append(([f * N + p for p in moving], x[f, moving]))
     sizes = [len(slots) for slots, _ in groups]
     total = sum(sizes)
-    counts = vlprune.selectors.holitom.largest_remainder([n * keep / total for n in sizes], sizes, keep)
+    counts = vlprune.selectors.shared.largest_remainder([n * keep / total for n in sizes], sizes, keep)
     out = {}
     for (slots, values), count in zip(groups, counts, strict=True):
         if count == 0:  # the budget left this group nothing: its tokens are dropped

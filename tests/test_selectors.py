@@ -6,7 +6,7 @@ import torch
 import vlprune
 from vlprune.selectors.base import top_k
 from vlprune.selectors.divprune import max_min_greedy
-from vlprune.selectors.uniform import lattice
+from vlprune.selectors.shared import lattice
 from vlprune.signals import TokenView
 
 from reference import embed, original_positions
@@ -342,7 +342,8 @@ def test_visionzip_end_to_end_matches_eager_tower_outputs(llava_eager):
 
 # --- sparsevlm ------------------------------------------------------------------------------------------------------
 def test_sparsevlm_rater_choice_and_recycling_counts_are_hand_computed():
-    from vlprune.selectors.sparsevlm import choose_raters, dpc_knn, recycled_counts
+    from vlprune.selectors.shared import dpc_knn
+    from vlprune.selectors.sparsevlm import choose_raters, recycled_counts
 
     visual = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     text = torch.tensor([[3.0, 0.0], [0.0, 1.0], [3.0, 0.0]])  # softmax over text: 0.488, 0.024, 0.488 > 1/3

@@ -18,7 +18,7 @@ import torch
 
 from . import __version__, embedded
 from .api import wrap
-from .registry import adapter_class, list_methods, list_models, selector_class
+from .registry import adapter_class, list_methods, list_models, selector_class, video_models
 
 DEFAULT_METHODS = ("fastv", "divprune", "fastervlm", "visionzip")
 
@@ -58,11 +58,6 @@ class Loaded:
 
     def decode(self, ids: torch.Tensor) -> str:
         return self.processor.decode(ids, skip_special_tokens=True).strip()
-
-
-def video_models() -> list[str]:
-    """The model families whose video inputs vlprune prunes (their adapters provide the ``frames`` signal)."""
-    return [m for m in list_models() if adapter_class(m).signals.get("frames") == "yes"]
 
 
 def load(model: str | None, dtype="auto", attn_implementation: str = "sdpa") -> Loaded:

@@ -81,3 +81,8 @@ def adapter_class(model_type: str) -> type[Adapter]:
     if model_type not in _ADAPTERS:
         raise ValueError(f"unsupported model type {model_type!r}; supported model types: {list_models()}")
     return _ADAPTERS[model_type]
+
+
+def video_models() -> list[str]:
+    """The model families whose video inputs vlprune prunes (their adapters provide the ``frames`` signal)."""
+    return [m for m in list_models() if adapter_class(m).signals.get("frames") == "yes"]

@@ -84,7 +84,7 @@ def resolve(config: PruneConfig, adapter) -> list[ResolvedStage]:
         if missing:
             why = adapter.why_not(missing)
             if "frames" in missing:  # a video method on a family without video geometry
-                why = "vlprune has no video geometry for it yet (vlprune.cli.video_models() lists the families it has)"
+                why = "vlprune has no video geometry for it yet (vlprune.registry.video_models() lists those it has)"
             raise ValueError(
                 f"method {stage.method!r} needs {missing}, which {adapter.model_type} cannot provide: {why} "
                 "(see vlprune.support_table())"

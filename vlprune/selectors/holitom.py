@@ -52,23 +52,7 @@ from ..registry import register_selector
 from ..signals import SignalRequest, TokenView
 from ..temporal import holitom_windows, static_positions, transition_similarity
 from .base import Selection, Selector, check_order, check_params, top_k, whole_video
-from .sparsevlm import ascending_clusters
-
-
-def largest_remainder(quotas: list[float], caps: list[int], total: int) -> list[int]:
-    """Integers ``c_i <= caps[i]`` summing to ``min(total, sum(caps))``: the floors of ``quotas``, then one more to
-    the largest fractional parts (ties to the lower index), then to any group with room left."""
-    counts = [min(math.floor(q), cap) for q, cap in zip(quotas, caps, strict=True)]
-    left = min(total, sum(caps)) - sum(counts)
-    order = sorted(range(len(quotas)), key=lambda i: (-(quotas[i] - math.floor(quotas[i])), i))
-    for pass_ in range(2):
-        for i in order:
-            if left <= 0:
-                return counts
-            if counts[i] < caps[i] and (pass_ == 1 or quotas[i] > counts[i]):
-                counts[i] += 1
-                left -= 1
-    return counts
+from .shared import ascending_clusters, largest_remainder
 
 
 def cluster_merge(x: torch.Tensor, clusters: int, k: int, beta: float) -> tuple[torch.Tensor, ...]:

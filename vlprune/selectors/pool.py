@@ -12,7 +12,7 @@ import torch
 from ..registry import register_selector
 from ..signals import TokenView
 from .base import Selection, Selector
-from .uniform import lattice
+from .shared import lattice
 
 
 def pooled_grid(h: int, w: int, k: int) -> tuple[int, int]:

@@ -43,8 +43,7 @@ from ..registry import register_selector
 from ..signals import SignalRequest, TokenView
 from ..temporal import label_segments, refine_runs
 from .base import Selection, Selector, check_params, top_k, whole_video
-from .holitom import largest_remainder
-from .sparsevlm import ascending_clusters, dpc_knn
+from .shared import ascending_clusters, dpc_knn, largest_remainder
 
 
 def prunevid_segments(frames: torch.Tensor, clusters: int, k: int) -> list[tuple[int, int]]:

@@ -34,7 +34,7 @@ import torch
 from ..registry import create_selector, register_selector
 from ..signals import SignalRequest, TokenView
 from .base import Selection, Selector, check_params, top_k, whole_video
-from .holitom import largest_remainder
+from .shared import largest_remainder
 
 TOKENWISE = ("features", "received_attention", "vision_hidden", "vision_keys", "hidden", "normed_hidden", "embeddings")
 PER_LAYER = ("cls_attention",)  # {layer: (n,)}

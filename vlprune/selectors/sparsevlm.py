@@ -10,7 +10,8 @@ import torch
 
 from ..registry import register_selector
 from ..signals import SignalRequest, TokenView
-from .base import Selection, Selector, top_k
+from .base import Selection, Selector
+from .shared import dpc_knn
 
 
 def choose_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -27,38 +28,6 @@ def recycled_counts(deleted: int, ratio: float) -> tuple[int, int]:
         return 0, 0
     recycled = min(deleted, int(ratio * deleted) + 1)
     return recycled, min(recycled, int(recycled / 10) + 1)
-
-
-def dpc_knn(x: torch.Tensor, clusters: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Density-peak clustering with k nearest neighbours (DPC-KNN) of the rows of ``x`` (m, C).
-
-    Distances ``||x_i - x_j|| / sqrt(C)``; density ``exp(-mean of the squared distances to the k nearest rows``
-    (itself included)); ``delta`` = distance to the nearest denser row (the largest distance for the densest);
-    centres = the ``clusters`` rows with the largest ``delta * density``; every row joins its nearest centre.
-    Returns ``(centres, assignment)`` with ``assignment[i]`` an index into ``centres``. Needs the m x m distance
-    matrix, as the method does (m is a fraction of the deleted tokens). Ties go to the lower index (the official
-    code adds tiny random noise to densities instead).
-    """
-    x = x.float()
-    distance = torch.cdist(x, x) / x.shape[-1] ** 0.5
-    nearest = torch.topk(distance, min(k, x.shape[0]), dim=-1, largest=False).values
-    density = torch.exp(-(nearest**2).mean(-1))
-    denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
-    delta = torch.where(denser, distance, distance.max()).min(-1).values
-    centres = top_k((delta * density).cpu(), clusters)
-    assignment = distance[:, centres.to(distance.device)].argmin(-1).cpu()
-    assignment[centres] = torch.arange(clusters)
-    return centres, assignment
-
-
-def ascending_clusters(x: torch.Tensor, clusters: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`dpc_knn` with the centres in ascending row order: ``(centres, assignment)``, ``assignment[i]`` the index
-    into ``centres`` of row ``i``'s cluster."""
-    centres, assignment = dpc_knn(x, clusters, k)
-    order = torch.argsort(centres)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(clusters)
-    return centres[order], rank[assignment]
 
 
 @register_selector("sparsevlm")

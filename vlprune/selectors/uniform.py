@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -10,25 +9,7 @@ import torch
 from ..registry import register_selector
 from ..signals import TokenView
 from .base import Selector
-
-
-def lattice(h: int, w: int, k: int) -> torch.Tensor:
-    """Raster indices of ``k`` points spread evenly over an ``h x w`` grid.
-
-    A ``gh x gw`` lattice of cell centres is laid over the grid with ``gh * gw >= k`` and the aspect ratio of the
-    grid; when it has more than ``k`` points, ``k`` of them are taken evenly along its raster order.
-    """
-    scale = math.sqrt(k / (h * w))
-    gh = min(h, max(1, math.ceil(h * scale - 1e-9)))
-    gw = min(w, max(1, math.ceil(k / gh)))
-    while gh * gw < k:  # only when a side hit the grid's size
-        gh = min(h, gh + 1)
-        gw = min(w, math.ceil(k / gh))
-    rows = ((torch.arange(gh) + 0.5) * h / gh).floor().long()
-    cols = ((torch.arange(gw) + 0.5) * w / gw).floor().long()
-    points = (rows[:, None] * w + cols[None, :]).flatten()  # (gh * gw,)
-    pick = ((torch.arange(k) + 0.5) * points.numel() / k).floor().long()
-    return points[pick]
+from .shared import lattice
 
 
 @register_selector("uniform")
