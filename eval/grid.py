@@ -111,7 +111,7 @@ def run_grid(
     from tqdm.auto import tqdm
 
     from ..api import wrap
-    from ..cli import fitted
+    from ..app.models import fitted
     from ..registry import list_methods
     from .lmms_model import Recorder
     from .measure import measure
@@ -269,7 +269,7 @@ def _scaled(row: dict, key: str, unit: float, fmt: str = "{:.3f}") -> str:
 def plots(rows: list[dict], out: Path) -> list[Path]:
     """Accuracy vs budget, prefill speed-up vs budget and accuracy vs FLOPs, one line per method and task; nothing
     (and an empty list) without matplotlib."""
-    from ..bench import pyplot
+    from ..app.bench import pyplot
 
     plt = pyplot()
     if plt is None:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .. import hf
 from ..api import wrap
-from ..cli import fitted, load
+from ..app.models import fitted, load
 from ..registry import list_methods
 from ..video import DEFAULT_FRAMES
 

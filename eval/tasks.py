@@ -1,4 +1,4 @@
-"""lmms-eval tasks on the synthetic shapes task (:mod:`vlprune.shapes`), generated on first use, no network.
+"""lmms-eval tasks on the synthetic shapes task (:mod:`vlprune.app.shapes`), generated on first use, no network.
 
     lmms-eval --model vlprune --tasks vlprune_shapes,vlprune_shapes_mc --include_path "$(vlprune tasks)" ...
 
@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from .. import shapes
+from ..app import shapes
 
 VERSION = 1
 TASKS = ("vlprune_shapes", "vlprune_shapes_mc")

@@ -9,7 +9,9 @@ import pytest
 import torch
 from test_video import moving_square, write_video
 
+import vlprune
 from vlprune import cli
+from vlprune.app import models, overlays
 
 from families import VIDEO
 from tiny import save_tiny_internvl, save_tiny_onevision
@@ -30,7 +32,7 @@ def video(tmp_path_factory):
 def test_the_processor_gives_the_tokens_the_adapter_expects(checkpoint, video):
     from vlprune.video import load_video
 
-    loaded = cli.load(checkpoint)
+    loaded = models.load(checkpoint)
     frames = load_video(video, num_frames=FRAMES).frames
     inputs = loaded.inputs(None, "what moves ?", video=frames)
     assert inputs["pixel_values_videos"].shape == (1, FRAMES, 3, 56, 56)
@@ -93,7 +95,7 @@ def test_video_overlay_marks_each_frame_token():
         merge_weight=[torch.ones(8)],
         grids=[[(t, h, w)]],
     )
-    sheet = np.asarray(cli.video_overlay(frames, plan))
+    sheet = np.asarray(overlays.video_overlay(frames, plan))
 
     def cell(f, r, c):  # the centre pixel of token (r, c) of frame f: 8 px frames drawn at 160 px, 80 px cells
         return sheet[r * 80 + 40, f * (160 + 4) + c * 80 + 40]
@@ -104,7 +106,7 @@ def test_video_overlay_marks_each_frame_token():
     assert cell(0, 0, 1).tolist() != [200, 200, 200] and cell(0, 0, 1).max() > 100  # merged into token 0: tinted
     assert cell(0, 0, 1).tolist() != cell(1, 1, 1).tolist()  # ... in another colour than token 5's group
     plan.grids = [[None]]
-    assert cli.video_overlay(frames, plan) is None
+    assert overlays.video_overlay(frames, plan) is None
 
 
 def test_video_errors(checkpoint, video, tmp_path, capsys):
@@ -129,10 +131,10 @@ def test_video_errors(checkpoint, video, tmp_path, capsys):
 
 def test_demo_runs_methods_on_a_video(checkpoint, video):
     pytest.importorskip("gradio")
-    from vlprune import demo
+    from vlprune.app import demo
     from vlprune.video import load_video
 
-    loaded = cli.load(checkpoint)
+    loaded = models.load(checkpoint)
     gallery, rows = demo.results(loaded, None, video, "what moves ?", ["uniform", "dycoke"], 12, FRAMES)
     assert [row[0] for row in rows] == ["unpruned", "uniform", "dycoke"]
     assert [row[2] for row in rows] == [f"{FRAMES * PER_FRAME + 1}/{FRAMES * PER_FRAME + 1}"] + [
@@ -141,9 +143,9 @@ def test_demo_runs_methods_on_a_video(checkpoint, video):
     assert [caption.split(":")[0] for _, caption in gallery] == ["unpruned", "uniform", "dycoke"]
     frames = load_video(video, num_frames=FRAMES).frames
     assert gallery[0][0].size == (FRAMES * (64 + 4) - 4, 48)  # the frames as read, side by side
-    with cli.wrap(loaded.model, "uniform", keep=12) as pruned:  # the overlay is the CLI's, of the same plan
+    with vlprune.wrap(loaded.model, "uniform", keep=12) as pruned:  # the overlay is the CLI's, of the same plan
         loaded.model.generate(**loaded.inputs(None, "what moves ?", video=frames), max_new_tokens=1)
-        expected = cli.video_overlay(frames, pruned.plans[-1])
+        expected = overlays.video_overlay(frames, pruned.plans[-1])
     assert np.array_equal(np.asarray(gallery[1][0]), np.asarray(expected))
     with pytest.raises(ValueError, match="give an image or a video"):
         demo.results(loaded, None, None, "what moves ?", ["uniform"], 12)
@@ -176,9 +178,9 @@ def test_lmms_eval_model_answers_video_docs_as_the_cli_does(checkpoint, video, c
     answers = lm.generate_until(requests)
     plan = lm.pruned.plans[-1]
     assert plan.kept_per_sample == [12] and plan.grids == [[(FRAMES, 2, 2)]]
-    loaded = cli.load(checkpoint)
+    loaded = models.load(checkpoint)
     frames = load_video(video, num_frames=FRAMES).frames
-    expected = cli.compare(loaded, None, "what moves ?", ["dycoke"], {"keep": 12}, max_new_tokens=3, video=frames)
+    expected = models.compare(loaded, None, "what moves ?", ["dycoke"], {"keep": 12}, max_new_tokens=3, video=frames)
     assert answers == [expected[1].answer] * 2
     lm.clean()
     embedded_lm = VLPrune(method="uniform", keep=8, max_frames_num=4)
@@ -219,5 +221,5 @@ def test_internvl_videos_through_the_cli_and_the_lmms_eval_model(tmp_path, video
     assert lm.pruned.plans[-1].grids == [[(FRAMES, 4, 4)]]
     lm.clean()
     frames = load_video(video, num_frames=FRAMES).frames
-    expected = cli.compare(cli.load(checkpoint), None, "what moves ?", ["dycoke"], {"keep": 40}, 3, video=frames)
+    expected = models.compare(models.load(checkpoint), None, "what moves ?", ["dycoke"], {"keep": 40}, 3, video=frames)
     assert answers == [expected[1].answer]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vlprune import embedded
+from vlprune.app import embedded
 
 REQUIRED = os.environ.get("VLPRUNE_REQUIRE_BROWSER") == "1"
 
@@ -93,7 +93,7 @@ def test_demo_in_headless_chromium(tmp_path):
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from vlprune import demo
+    from vlprune.app import demo
 
     example = json.loads((embedded.default_path().parent / "examples" / "examples.json").read_text())[0]
     port = free_port()
@@ -125,7 +125,7 @@ def test_demo_takes_a_video_in_headless_chromium(tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
     from test_video import moving_square, write_video
 
-    from vlprune import demo
+    from vlprune.app import demo
 
     from tiny import save_tiny_onevision
 
@@ -152,7 +152,7 @@ def test_demo_takes_a_video_in_headless_chromium(tmp_path):
 
 def test_the_demo_bounds_uploads_and_fits_its_keep_slider():
     pytest.importorskip("gradio")
-    from vlprune import demo
+    from vlprune.app import demo
 
     app = demo.launch(port=free_port(), block=False)
     try:

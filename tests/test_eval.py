@@ -18,7 +18,8 @@ from transformers import (
 )
 
 import vlprune
-from vlprune import bench, cli, embedded, hf, shapes
+from vlprune import cli, hf
+from vlprune.app import bench, embedded, models, shapes
 from vlprune.eval import tasks
 from vlprune.eval.lmms_model import VLPrune, continuation_logprob
 from vlprune.eval.measure import FlopCount, kv_cache_bytes
@@ -149,7 +150,7 @@ def test_lmms_eval_cli_runs_generation_and_multiple_choice_offline(request, fami
         assert s["acc"] == float(min(range(len(losses)), key=losses.__getitem__) == int(s["target"]))
     if family == "llava":
         model, processor = embedded.load_default_model()
-        with vlprune.wrap(model, method, keep=keep, **cli.fitted(method, model)):
+        with vlprune.wrap(model, method, keep=keep, **models.fitted(method, model)):
             direct = bench.answers(model, processor, shapes.split("test", LIMIT), max_new_tokens=4)
         got = [s["filtered_resps"] for s in sorted(samples["vlprune_shapes"], key=lambda s: s["doc_id"])]
         assert got == direct

@@ -1,5 +1,6 @@
 """The import direction between vlprune's layers, read from the source: the pruning core never imports the
-application built on it (the command line, the demo, the shapes task and its embedded model, the benchmarks, the
+application built on it (``vlprune.app``: the shapes task and its embedded model, loading and comparing models,
+overlays, the bench, the demo), the application never imports what sits on top of it (the command line, the
 lmms-eval model), and no method's module imports another method's."""
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {  # source folder -> the package it installs as (pyproject's package-dir)
     "vlprune": "vlprune",
     "vlprune/selectors": "vlprune.selectors",
+    "vlprune/app": "vlprune.app",
     "kernels": "vlprune.kernels",
     "model_adapters": "vlprune.model_adapters",
     "eval": "vlprune.eval",
     "configs": "vlprune.configs",
 }
-APPLICATION = ("vlprune.cli", "vlprune.demo", "vlprune.bench", "vlprune.shapes", "vlprune.train", "vlprune.embedded")
-APPLICATION += ("vlprune.eval",)
+APPLICATION = ("vlprune.app", "vlprune.cli", "vlprune.eval")  # core <- app <- cli, eval
 SHARED_BY_METHODS = ("vlprune.selectors.base", "vlprune.selectors.shared")
 
 
@@ -55,9 +56,12 @@ def inside(module: str, prefixes) -> bool:
 
 def test_the_source_folders_are_found():
     found = modules()
-    assert {"vlprune.api", "vlprune.cli", "vlprune.selectors.fastv", "vlprune.kernels.ops"} <= set(found)
-    assert imports("vlprune.bench", found["vlprune.bench"]) >= {"vlprune.embedded", "vlprune.shapes", "vlprune.api"}
-    assert "vlprune.cli" in imports("vlprune.demo", found["vlprune.demo"])  # a function-level import is seen too
+    assert {"vlprune.api", "vlprune.cli", "vlprune.app.demo", "vlprune.selectors.fastv", "vlprune.kernels.ops"} <= set(
+        found
+    )
+    bench = imports("vlprune.app.bench", found["vlprune.app.bench"])
+    assert bench >= {"vlprune.app.embedded", "vlprune.app.shapes", "vlprune.api", "vlprune.app.models"}
+    assert "vlprune.app.bench" in imports("vlprune.cli", found["vlprune.cli"])  # a function-level import is seen too
 
 
 def test_the_core_never_imports_the_application():
@@ -65,6 +69,15 @@ def test_the_core_never_imports_the_application():
     core = {name: path for name, path in found.items() if not inside(name, APPLICATION)}
     assert "vlprune.schedule" in core and "vlprune.selectors.holitom" in core and "vlprune.cli" not in core
     wrong = {name: sorted(m for m in imports(name, path) if inside(m, APPLICATION)) for name, path in core.items()}
+    assert {name: bad for name, bad in wrong.items() if bad} == {}
+
+
+def test_the_application_never_imports_the_command_line_or_the_lmms_eval_model():
+    found = modules()
+    app = {name: path for name, path in found.items() if inside(name, ("vlprune.app",))}
+    assert {"vlprune.app.models", "vlprune.app.demo", "vlprune.app.embedded"} <= set(app)
+    top = ("vlprune.cli", "vlprune.eval")
+    wrong = {name: sorted(m for m in imports(name, path) if inside(m, top)) for name, path in app.items()}
     assert {name: bad for name, bad in wrong.items() if bad} == {}
 
 

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 import vlprune
-from vlprune import bench, cli, embedded, shapes, train
+from vlprune import cli
+from vlprune.app import bench, embedded, overlays, shapes, train
 
 
 def test_scenes_are_deterministic_and_splits_never_share_one():
@@ -198,14 +199,14 @@ def test_overlay_dims_dropped_tokens_and_tints_merge_groups():
     plan = vlprune.KeepPlan(
         0, "x", [torch.tensor([0, 5])], [torch.tensor([0])], [torch.tensor([0, 0])], [n], [into], [torch.ones(n)]
     )
-    picture = np.asarray(cli.overlay(image, plan)).astype(int)
+    picture = np.asarray(overlays.overlay(image, plan)).astype(int)
     original = np.asarray(image.resize((384, 384))).astype(int)
     cell = 384 // 12
     dropped = picture[5 * cell + 10, 5 * cell + 10] - original[5 * cell + 10, 5 * cell + 10]
     assert (dropped < 0).all()  # dimmed
     merged = picture[10, cell + 10] - original[10, cell + 10]
     assert merged.any() and not (picture[10, 2 * cell + 10] == original[10, 2 * cell + 10]).all()
-    assert cli.overlay(image, vlprune.KeepPlan(0, "x", [torch.tensor([0])], [], [], [10], [into[:10]], [])) is None
+    assert overlays.overlay(image, vlprune.KeepPlan(0, "x", [torch.tensor([0])], [], [], [10], [into[:10]], [])) is None
 
 
 def test_bench_writes_csv_and_table(shipped, tmp_path):

@@ -96,7 +96,7 @@ def word_tokenizer(words: list[str], image: int = IMAGE, video: int = 101, speci
     """A word-level tokenizer over ``words`` with ``<image>`` / ``<video>`` at the tiny configs' ids (or the
     ``special`` tokens and ids, named for the processor by ``names``), every other id of the tiny vocabulary a filler
     word (so whatever a random model emits decodes)."""
-    from vlprune.embedded import word_tokenizer
+    from vlprune.app.embedded import word_tokenizer
 
     vocab = {"<pad>": PAD, "<s>": 1, "</s>": 2, "<unk>": 3, **(special or {"<image>": image, "<video>": video})}
     free = (i for i in range(VOCAB) if i not in vocab.values())

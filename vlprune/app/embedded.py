@@ -1,9 +1,9 @@
 """The embedded model: a small ``LlavaForConditionalGeneration`` (CLIP tower with [CLS], Llama decoder, word-level
-tokenizer, ``LlavaProcessor``) trained by vlprune on the synthetic shapes task (:mod:`vlprune.shapes`) and shipped
+tokenizer, ``LlavaProcessor``) trained by vlprune on the synthetic shapes task (:mod:`vlprune.app.shapes`) and shipped
 with the package, so that the CLI and the demo work offline on a laptop.
 
 ``load_default_model()`` returns ``(model, processor)``; ``build_model()`` / ``build_processor()`` give the untrained
-architecture (the training script, ``python -m vlprune.train``, starts from them).
+architecture (the training script, ``python -m vlprune.app.train``, starts from them).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def default_path() -> Path:
 
 
 def build_tokenizer():
-    """A word-level fast tokenizer over :func:`vlprune.shapes.vocabulary` (whitespace split, ``<s>`` prepended)."""
+    """A word-level fast tokenizer over :func:`vlprune.app.shapes.vocabulary` (whitespace split, ``<s>`` prepended)."""
     vocab = {w: i for i, w in enumerate(SPECIALS)}
     for word in shapes.vocabulary():
         vocab.setdefault(word, len(vocab))
@@ -149,13 +149,15 @@ def load_default_model(path: str | Path | None = None, attn: str = "sdpa"):
     Raises
     ------
     FileNotFoundError
-        If the weights are missing (a source checkout without them: run ``python -m vlprune.train``).
+        If the weights are missing (a source checkout without them: run ``python -m vlprune.app.train``).
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     path = Path(path) if path is not None else default_path()
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no embedded model at {path}; train one with `python -m vlprune.train --out {path}`")
+        raise FileNotFoundError(
+            f"no embedded model at {path}; train one with `python -m vlprune.app.train --out {path}`"
+        )
     model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(path)
     return model.eval(), processor

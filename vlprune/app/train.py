@@ -1,4 +1,4 @@
-"""Train the embedded model from scratch on the shapes task: ``python -m vlprune.train --out DIR``.
+"""Train the embedded model from scratch on the shapes task: ``python -m vlprune.app.train --out DIR``.
 
 Seeded and resumable (a checkpoint every ``--every`` steps in ``DIR/checkpoint.pt``; ``--resume`` continues from
 it with the same data order). The data is generated on the fly: step ``i`` uses training seeds ``i * batch ...``,
@@ -6,14 +6,14 @@ so no scene is shared with the validation or test splits.
 
 Objective: the answer tokens (cross-entropy after ``answer :``), plus auxiliary objectives, as the issue's remedies
 suggest. For the vision tower: every patch predicts the object class and the letter under its centre
-(:func:`vlprune.shapes.patch_labels`), and the [CLS] token predicts which (colour, shape) pairs and which letter the
+(:func:`vlprune.app.shapes.patch_labels`), and the [CLS] token predicts which (colour, shape) pairs and which letter the
 scene holds, so that [CLS] attention means something, as in CLIP. Between them: each projected patch, read through
 the decoder's (tied) output embedding, names the colour, shape and quadrant of the object under it, or the letter
-(:func:`vlprune.shapes.patch_words`), so that a question's words and the visual tokens they refer to start out
+(:func:`vlprune.app.shapes.patch_words`), so that a question's words and the visual tokens they refer to start out
 close; and each projected patch predicts its own row and column, so that where a patch lies is in the features the
 decoder reads (its rotary positions are 1-D). For the decoder: a share of each batch
 (``--captions``) asks "describe the scene ?" and is answered by a caption listing every object's colour, shape and
-quadrant (:func:`vlprune.shapes.describe`), which gives many grounded target words per image where a question gives
+quadrant (:func:`vlprune.app.shapes.describe`), which gives many grounded target words per image where a question gives
 one. Learning rate: linear warm-up, then cosine decay. The auxiliary heads are not part of the saved model.
 
 ``--stop N`` ends a run after step ``N`` (its schedule still spans ``--steps``); ``--resume --vision`` then starts a
@@ -63,7 +63,7 @@ def more_questions(s: shapes.Sample, n: int) -> list[tuple[str, str]]:
 
 
 def batch(samples, vocab: dict[str, int], extra: list[list[tuple[str, str]]] | None = None):
-    """Inputs, answer labels and auxiliary targets of a list of :class:`~vlprune.shapes.Sample`. ``extra[i]`` are
+    """Inputs, answer labels and auxiliary targets of a list of :class:`~vlprune.app.shapes.Sample`. ``extra[i]`` are
     further ``(question, answer)`` pairs about sample ``i``'s scene, asked after its first answer in the same
     sequence (each answer is a target; the first question sits where it sits at inference)."""
     tokens = (shapes.SIZE // shapes.PATCH) ** 2
@@ -188,7 +188,7 @@ def is_decoder(name: str) -> bool:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=embedded.default_path(), help="where to save the trained model")
+    parser.add_argument("--out", type=Path, required=True, help="where to save the trained model (a folder)")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)

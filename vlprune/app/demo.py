@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 
+from ..registry import list_methods
+from ..support import support
 from . import embedded
-from .registry import list_methods
-from .support import support
 
 DEFAULT = ["fastv", "divprune"]
 
@@ -27,13 +27,14 @@ def results(loaded, image, video: str | None, question: str, chosen: list[str], 
     precedence over ``image``. Raises ``ValueError`` for a missing input or question and what the run refuses."""
     from PIL import Image
 
-    from .cli import compare, contact_sheet, overlay, video_overlay
+    from .models import compare
+    from .overlays import contact_sheet, overlay, video_overlay
 
     if (image is None and not video) or not question or not question.strip():
         raise ValueError("give an image or a video, and a question")
     clip = None
     if video:
-        from .video import load_video
+        from ..video import load_video
 
         clip = load_video(video, num_frames=int(frames)).frames
         outcomes = compare(loaded, None, question, chosen or [], {"keep": int(keep)}, video=clip)
@@ -58,7 +59,7 @@ def build(model: str | None = None):
     """The ``gradio.Blocks`` app for ``model`` (default: the embedded one)."""
     import gradio as gr
 
-    from .cli import load
+    from .models import load
 
     loaded = load(model)
     model_type = loaded.model.config.model_type

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from ..api import wrap
+from ..registry import list_methods
 from . import embedded, shapes
-from .api import wrap
-from .registry import list_methods
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def shapes_table(args) -> list[dict]:
     """Run the grid of ``args`` (see ``vlprune bench --help``) and write its files; returns the rows."""
     from tqdm.auto import tqdm
 
-    from .cli import fitted, load
+    from .models import fitted, load
 
     loaded = load(args.model)
     model, processor = loaded.model, loaded.processor

@@ -1,0 +1,143 @@
+"""Models for the application: loading the embedded model or a checkpoint (:class:`Loaded`, :func:`load`), fitting
+methods' defaults to a small model (:func:`fitted`), and running methods side by side on one input with their
+answers, kept tokens and prefill times (:func:`compare`)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..api import wrap
+from ..registry import list_methods, list_models, selector_class, video_models
+from . import embedded
+
+
+@dataclass
+class Loaded:
+    """A model, its processor and how to build its inputs."""
+
+    model: torch.nn.Module
+    processor: object
+    name: str
+    is_embedded: bool
+
+    @property
+    def takes_videos(self) -> bool:
+        """Whether vlprune prunes this model's video inputs."""
+        return self.model.config.model_type in video_models()
+
+    def inputs(self, image, question: str, video=None) -> dict:
+        """Processor outputs for ``question`` about a PIL ``image``, or about ``video`` (a (T, H, W, 3) uint8 array
+        of frames) when it is given."""
+        if video is not None:
+            if not self.takes_videos:
+                raise ValueError(
+                    f"{self.name} ({self.model.config.model_type}) takes images only; for a video, pass --model with "
+                    f"a checkpoint of {video_models()}"
+                )
+            media, kind = {"videos": [video]}, "video"
+        else:
+            media, kind = {"images": image}, "image"
+        if self.is_embedded:
+            return dict(self.processor(text=embedded.prompt(question), return_tensors="pt", **media))
+        messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return dict(self.processor(text=text, return_tensors="pt", **media))
+
+    def decode(self, ids: torch.Tensor) -> str:
+        return self.processor.decode(ids, skip_special_tokens=True).strip()
+
+
+def load(model: str | None, dtype="auto", attn_implementation: str = "sdpa") -> Loaded:
+    """The embedded model (``None``) or a local / hub checkpoint of a supported family (in ``dtype``, default the
+    checkpoint's own; the embedded model is float32)."""
+    if model is None:
+        net, processor = embedded.load_default_model(attn=attn_implementation)
+        return Loaded(net.to(torch.float32 if dtype == "auto" else dtype), processor, "embedded shapes-vlm", True)
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except OSError as error:  # not a folder, not in the cache (offline), no config.json
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"cannot load model {model!r}: {first}") from None
+    if config.model_type not in list_models():
+        raise ValueError(f"model {model!r} is a {config.model_type!r} model; supported: {list_models()}")
+    net = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation)
+    net = net.eval()
+    return Loaded(net, AutoProcessor.from_pretrained(model), model, False)
+
+
+def fitted(method: str, model) -> dict:
+    """Keyword arguments that fit ``method``'s defaults to a model smaller than the papers' (the embedded model has
+    4 decoder and 4 vision layers): a default decoder layer beyond the model moves to its middle, VTC-CLS starts at
+    vision layer 0."""
+    selector = selector_class(method)
+    out = {}
+    layers = model.config.text_config.num_hidden_layers
+    if selector.default_layer >= layers:
+        out["layer"] = max(1, layers // 2)
+    if method == "vtc_cls" and model.config.vision_config.num_hidden_layers <= 16:
+        out["start_layer"] = 0
+    return out
+
+
+# --- measuring ---------------------------------------------------------------------------------------------------
+def prefill_seconds(model, inputs: dict, repeats: int = 3) -> float:
+    """Median time of a forward over the prompt, after one warm-up run."""
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            model(**inputs)
+            if i:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def generate(model, inputs: dict, max_new_tokens: int) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1] :]
+
+
+@dataclass
+class Outcome:
+    method: str
+    answer: str
+    kept: int
+    total: int
+    seconds: float
+    plan: object | None
+
+
+def compare(loaded: Loaded, image, question: str, methods, budget: dict, max_new_tokens: int = 8, video=None):
+    """The unpruned model and each method on one image (or ``video``, a (T, H, W, 3) uint8 array) and question:
+    answers, tokens kept, prefill time. A temporal method on an image raises ``ValueError``."""
+    model = loaded.model
+    if video is None:
+        temporal = [m for m in methods if m in list_methods("video")]
+        if temporal:
+            raise ValueError(f"{temporal} prune videos, not images; image methods: {list_methods('image')}")
+    inputs = loaded.inputs(image, question, video=video)
+    outcomes = []
+    seconds = prefill_seconds(model, inputs)
+    placeholder = model.config.image_token_id  # InternVL writes video frames as images
+    if video is not None:
+        placeholder = getattr(model.config, "video_token_id", None) or placeholder
+    total = int((inputs["input_ids"] == placeholder).sum())
+    outcomes.append(
+        Outcome("unpruned", loaded.decode(generate(model, inputs, max_new_tokens)), total, total, seconds, None)
+    )
+    for method in methods:
+        with wrap(model, method, **budget, **fitted(method, model)) as pruned:
+            pruned.set_query(question, videos=[] if video is None else [video])  # for query_frames
+            pruned.set_videos([None] if video is None else [len(video)])  # for InternVL
+            answer = loaded.decode(generate(model, inputs, max_new_tokens))
+            plan = pruned.plans[-1]
+            seconds = prefill_seconds(model, inputs)
+        outcomes.append(Outcome(method, answer, sum(plan.kept_per_sample), plan.num_visual[0], seconds, plan))
+    return outcomes
