@@ -174,27 +174,38 @@ def run_grid(
     return rows
 
 
-def lmms_grid(args) -> list[dict]:
-    """``vlprune bench --tasks ...``: build the model and the task manager from the CLI arguments, run the grid."""
+def lmms_grid(
+    tasks: list[str],
+    budgets: str,
+    out: str | Path,
+    methods: list[str] | None = None,
+    model: str | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    include: str | None = None,
+    limit: int | None = None,
+    timing_docs: int = 2,
+    repeats: int = 3,
+) -> list[dict]:
+    """``vlprune bench --tasks ...``: the lmms-eval ``tasks`` for ``methods`` (default: every image method) at each
+    of ``budgets`` (:func:`parse_budgets`) on ``model`` (default: the embedded one), with the offline tasks and
+    ``include`` (a folder of task YAMLs) registered; see :func:`run_grid` for the rest. Prints and returns the table."""
     from lmms_eval.tasks import TaskManager
 
     from ..registry import list_methods
     from .lmms_model import VLPrune
     from .tasks import TASKS, include_path
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    methods = list_methods("image") if not args.methods else [m.strip() for m in args.methods.split(",")]
-    budgets = parse_budgets(args.budgets)
-    paths = [str(include_path())] + ([args.include_path] if args.include_path else [])
+    methods = list(methods) if methods else list_methods("image")
+    paths = [str(include_path())] + ([include] if include else [])
     manager = TaskManager(include_path=paths, include_defaults=any(t not in TASKS for t in tasks))
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown lmms-eval tasks {unknown}; see `lmms-eval tasks` or pass --include-path")
-    lm = VLPrune(pretrained=args.model, device=args.device, dtype=args.dtype)
-    rows = run_grid(
-        lm, methods, budgets, tasks, manager, args.out, args.limit, args.timing_docs, args.repeats, fit=lm.is_embedded
-    )
-    print((Path(args.out) / "table.md").read_text())
+    lm = VLPrune(pretrained=model, device=device, dtype=dtype)
+    grid = parse_budgets(budgets)
+    rows = run_grid(lm, methods, grid, tasks, manager, out, limit, timing_docs, repeats, fit=lm.is_embedded)
+    print((Path(out) / "table.md").read_text())
     return rows
 
 

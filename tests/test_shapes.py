@@ -2,7 +2,6 @@
 
 import csv
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -210,8 +209,7 @@ def test_overlay_dims_dropped_tokens_and_tints_merge_groups():
 
 
 def test_bench_writes_csv_and_table(shipped, tmp_path):
-    args = SimpleNamespace(model=None, methods="fastv,divprune", fractions="0.25", samples=12, out=str(tmp_path))
-    rows = bench.shapes_table(args)
+    rows = bench.shapes_table(tmp_path, ["fastv", "divprune"], (0.25,), samples=12)
     assert [r["method"] for r in rows] == ["unpruned", "fastv", "divprune"]
     with open(tmp_path / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 3

@@ -103,15 +103,34 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated list (``None`` or empty: ``None``)."""
+    names = [name.strip() for name in (text or "").split(",") if name.strip()]
+    return names or None
+
+
 def cmd_bench(args) -> int:
     if args.tasks is None:
         from .app.bench import shapes_table
 
-        shapes_table(args)
+        fractions = tuple(float(f) for f in args.fractions.split(","))
+        shapes_table(args.out, _names(args.methods), fractions, args.samples, args.model)
         return 0
     from .eval.grid import lmms_grid
 
-    lmms_grid(args)
+    lmms_grid(
+        _names(args.tasks) or [],
+        args.budgets,
+        args.out,
+        _names(args.methods),
+        args.model,
+        args.device,
+        args.dtype,
+        args.include_path,
+        args.limit,
+        args.timing_docs,
+        args.repeats,
+    )
     return 0
 
 

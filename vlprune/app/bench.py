@@ -51,20 +51,27 @@ def score(samples, got: list[str], reference: list[str] | None = None) -> dict[s
     return row
 
 
-def shapes_table(args) -> list[dict]:
-    """Run the grid of ``args`` (see ``vlprune bench --help``) and write its files; returns the rows."""
+def shapes_table(
+    out: str | Path,
+    methods: list[str] | None = None,
+    fractions: tuple[float, ...] = (0.5, 0.25, 0.11),
+    samples: int = 600,
+    model: str | None = None,
+) -> list[dict]:
+    """The shapes quality table (``vlprune bench``): ``samples`` test questions answered unpruned and by each of
+    ``methods`` (default: every image method) at each kept fraction, on the embedded model (or ``model``, trained on
+    its prompt format). Writes ``results.csv``, ``table.md`` and the plots under ``out``; returns the rows."""
     from tqdm.auto import tqdm
 
     from .models import fitted, load
 
-    loaded = load(args.model)
+    loaded = load(model)
     model, processor = loaded.model, loaded.processor
     if not loaded.is_embedded:
         raise ValueError("the shapes suite needs the embedded model (or a model trained on its prompt format)")
-    methods = list_methods("image") if not args.methods else [m.strip() for m in args.methods.split(",")]
-    fractions = [float(f) for f in args.fractions.split(",")]
-    samples = shapes.split("test", args.samples)
-    out = Path(args.out)
+    methods = list(methods) if methods else list_methods("image")
+    samples = shapes.split("test", samples)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     progress = tqdm(total=len(samples) * (1 + len(methods) * len(fractions)), desc="bench", unit="q")
     unpruned = answers(model, processor, samples, progress=progress)
