@@ -446,3 +446,19 @@ def test_dart_release_order_reads_positions_in_the_unpadded_prompt(llava, monkey
         visual = (row == 100).nonzero().flatten()
         assert image.tolist() == visual.tolist()
         assert text.tolist() == list(range(int(visual[-1]) + 1, len(p)))
+
+
+def test_scoring_selectors_keep_their_top_scores_and_fit_small_models():
+    """FastV, PDrop, FasterVLM and VTC-CLS only define a score: the core's ``select`` keeps its top ``keep`` (ties to
+    the lower index); VTC-CLS alone changes a default for a small tower (it has no layer 16 to start from)."""
+    from vlprune.registry import selector_class
+    from vlprune.selectors.base import ScoringSelector, Selector
+
+    scoring = sorted(m for m in vlprune.list_methods() if issubclass(selector_class(m), ScoringSelector))
+    assert scoring == ["fastervlm", "fastv", "pdrop", "vtc_cls"]
+    score = torch.tensor([0.1, 0.5, 0.5, 0.2, 0.9])
+    view = TokenView(index=torch.arange(5), grid=None, image=0, llm_attention={1: score}, incoming_attention=score)
+    assert vlprune.create_selector("fastv").select(view, 3).tolist() == [4, 1, 2]
+    assert vlprune.create_selector("pdrop").select(view, 2).tolist() == [4, 1]
+    assert selector_class("vtc_cls").small_model_params(4) == {"start_layer": 0}
+    assert selector_class("vtc_cls").small_model_params(24) == {} == Selector.small_model_params(4)

@@ -73,15 +73,14 @@ def load(model: str | None, dtype="auto", attn_implementation: str = "sdpa") -> 
 
 def fitted(method: str, model) -> dict:
     """Keyword arguments that fit ``method``'s defaults to a model smaller than the papers' (the embedded model has
-    4 decoder and 4 vision layers): a default decoder layer beyond the model moves to its middle, VTC-CLS starts at
-    vision layer 0."""
+    4 decoder and 4 vision layers): a default decoder layer beyond the model moves to its middle, and each method's own
+    :meth:`~vlprune.selectors.base.Selector.small_model_params` apply (VTC-CLS starts at vision layer 0)."""
     selector = selector_class(method)
     out = {}
     layers = model.config.text_config.num_hidden_layers
     if selector.default_layer >= layers:
         out["layer"] = max(1, layers // 2)
-    if method == "vtc_cls" and model.config.vision_config.num_hidden_layers <= 16:
-        out["start_layer"] = 0
+    out.update(selector.small_model_params(model.config.vision_config.num_hidden_layers))
     return out
 
 

@@ -114,6 +114,12 @@ class Selector:
         Such a stage must prune without merging; the earlier layers' cached entries keep the values they had."""
         return False
 
+    @classmethod
+    def small_model_params(cls, vision_layers: int) -> dict:
+        """Hyper-parameters that fit this method's defaults to a small model (such as the embedded one) whose vision
+        tower has ``vision_layers`` layers, for the demo and the CLI; empty when the defaults fit any tower."""
+        return {}
+
     def count(self, view: TokenView, keep: int) -> int:
         """Tokens :meth:`select` outputs for a budget of ``keep`` (capped at ``view.n`` by the core). Exactly
         ``keep`` unless a method's option reproduces a paper's own counting (such as DART's ``exact=False``)."""
@@ -124,6 +130,19 @@ class Selector:
         sorts them), or a :class:`Selection` with that many outputs. ``keep`` is the stage's budget for the image
         (already capped at ``view.n``)."""
         raise NotImplementedError
+
+
+@dataclass
+class ScoringSelector(Selector):
+    """A selector that ranks its candidates by one score: a subclass defines :meth:`score`, and the ``keep`` tokens
+    with the highest scores stay (ties to the lower index). FastV, PDrop, FasterVLM and VTC-CLS are such methods."""
+
+    def score(self, view: TokenView) -> torch.Tensor:
+        """One score per candidate, ``(view.n,)``; higher is kept first."""
+        raise NotImplementedError
+
+    def select(self, view: TokenView, keep: int) -> torch.Tensor:
+        return top_k(self.score(view), keep)
 
 
 @dataclass

@@ -9,12 +9,12 @@ import torch
 
 from ..registry import register_selector
 from ..signals import SignalRequest, TokenView
-from .base import Selector, top_k
+from .base import ScoringSelector
 
 
 @register_selector("fastervlm")
 @dataclass
-class FasterVLM(Selector):
+class FasterVLM(ScoringSelector):
     """[CLS]→patch attention of one vision layer, mean over heads, top ``keep`` per image.
 
     ``vision_layer=None`` (default) uses the layer the model takes its features from (LLaVA: ``-2``), as the
@@ -33,5 +33,5 @@ class FasterVLM(Selector):
     def requests(self, layer: int, vision_depth: int) -> list[SignalRequest]:
         return [SignalRequest("cls_attention", self.vision_layer)]
 
-    def select(self, view: TokenView, keep: int) -> torch.Tensor:
-        return top_k(view.cls_attention[self.vision_layer], keep)
+    def score(self, view: TokenView) -> torch.Tensor:
+        return view.cls_attention[self.vision_layer]

@@ -9,12 +9,12 @@ import torch
 
 from ..registry import register_selector
 from ..signals import SignalRequest, TokenView
-from .base import Selector, top_k
+from .base import ScoringSelector
 
 
 @register_selector("fastv")
 @dataclass
-class FastV(Selector):
+class FastV(ScoringSelector):
     """FastV's in-LLM rule.
 
     With ``layer=K`` (default 2, the paper's K), the score of a visual token is the attention it receives from the
@@ -34,5 +34,5 @@ class FastV(Selector):
             )
         return [SignalRequest("llm_attention", layer - 1)]
 
-    def select(self, view: TokenView, keep: int) -> torch.Tensor:
-        return top_k(next(iter(view.llm_attention.values())), keep)
+    def score(self, view: TokenView) -> torch.Tensor:
+        return next(iter(view.llm_attention.values()))

@@ -9,12 +9,12 @@ import torch
 
 from ..registry import register_selector
 from ..signals import SignalRequest, TokenView
-from .base import Selector, top_k
+from .base import ScoringSelector
 
 
 @register_selector("pdrop")
 @dataclass
-class PDrop(Selector):
+class PDrop(ScoringSelector):
     """One PyramidDrop stage before decoder layer ``L``.
 
     The score of a visual token is the attention the last prompt token gives it in layer ``L`` itself, recomputed
@@ -34,5 +34,5 @@ class PDrop(Selector):
             raise ValueError(f"pdrop ranks tokens inside the LLM: layer must be >= 1, got {layer}")
         return [SignalRequest("incoming_attention")]
 
-    def select(self, view: TokenView, keep: int) -> torch.Tensor:
-        return top_k(view.incoming_attention, keep)
+    def score(self, view: TokenView) -> torch.Tensor:
+        return view.incoming_attention

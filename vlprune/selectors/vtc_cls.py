@@ -8,12 +8,12 @@ import torch
 
 from ..registry import register_selector
 from ..signals import SignalRequest, TokenView
-from .base import Selector, top_k
+from .base import ScoringSelector
 
 
 @register_selector("vtc_cls")
 @dataclass
-class VTCCLS(Selector):
+class VTCCLS(ScoringSelector):
     """Sum over vision layers ``start_layer .. end_layer-1`` of the head-mean [CLS]→patch attention; top ``keep``.
 
     The official code slices ``attentions[start_layer:-1]``: from ``start_layer`` (its default 16 of CLIP-L's 24)
@@ -42,8 +42,13 @@ class VTCCLS(Selector):
             )
         return list(range(start, end))
 
+    @classmethod
+    def small_model_params(cls, vision_layers: int) -> dict:
+        """A tower of at most 16 layers has no layer 16 to start from: sum from layer 0."""
+        return {"start_layer": 0} if vision_layers <= cls.start_layer else {}
+
     def requests(self, layer: int, vision_depth: int) -> list[SignalRequest]:
         return [SignalRequest("cls_attention", v) for v in self.vision_layers(vision_depth)]
 
-    def select(self, view: TokenView, keep: int) -> torch.Tensor:
-        return top_k(torch.stack(list(view.cls_attention.values())).sum(0), keep)
+    def score(self, view: TokenView) -> torch.Tensor:
+        return torch.stack(list(view.cls_attention.values())).sum(0)
