@@ -14,6 +14,11 @@ from ..hooks import HookSet
 from ..schedule import SampleLayout
 from ..signals import SignalRequest
 
+# the decoder-side signals, which the core computes in the language model of every family; an adapter opts in to
+# them and to each signal of its own vision side by name (a signal added later is not claimed before it is computed)
+DECODER_SIGNALS = ("llm_attention", "incoming_attention", "text_attention", "llm_keys", "hidden", "normed_hidden")
+DECODER_SIGNALS += ("embeddings",)
+
 
 class Adapter:
     """Model knowledge for one family. Subclasses set the module handles in ``__init__`` and implement

@@ -10,8 +10,11 @@ from torch import nn
 
 from ..hooks import HookSet
 from ..registry import register_adapter
-from ..signals import SIGNALS, SignalRequest
-from .base import Adapter
+from ..signals import SignalRequest
+from .base import DECODER_SIGNALS, Adapter
+
+# what a LLaVA-1.5 vision side (CLIP with [CLS], one grid per image) gives
+VISION_SIDE = ("features", "cls_attention", "vision_hidden", "vision_keys", "projector", "grid", "vision_qkv")
 
 CLS_TOWERS = ("clip_vision_model",)
 
@@ -22,7 +25,7 @@ class LlavaAdapter(Adapter):
 
     model_type = "llava"
     summary = "LLaVA-1.5 and other llava-hf conversions: CLIP (or SigLIP) tower, projector, Llama-like decoder"
-    signals = {name: "yes" for name in SIGNALS if name not in ("frames", "received_attention")}  # [CLS]: checked
+    signals = {name: "yes" for name in (*VISION_SIDE, *DECODER_SIGNALS, "query")}  # [CLS]: checked
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -29,10 +29,12 @@ from torch import nn
 from ..hooks import HookSet
 from ..registry import register_adapter
 from ..schedule import SampleLayout
-from ..signals import SIGNALS, SignalRequest
+from ..signals import SignalRequest
+from .base import DECODER_SIGNALS
 from .llava import LlavaAdapter
 
 TILE_LEVEL = ("vision_keys", "vision_qkv")  # VisionZip and FlowCut act on each tile before the packing
+IMAGE_SIDE = ("features", "cls_attention", "vision_hidden", "projector", "grid")  # tiles packed, none of TILE_LEVEL
 
 
 @register_adapter("llava_next")
@@ -42,7 +44,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     model_type = "llava_next"
     summary = "LLaVA-NeXT / 1.6: anyres tiles packed with row-end newlines (never pruned)"
-    signals = {name: "yes" for name in SIGNALS if name not in (*TILE_LEVEL, "frames", "received_attention")}  # no video
+    signals = {name: "yes" for name in (*IMAGE_SIDE, *DECODER_SIGNALS, "query")}  # no video
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -16,9 +16,9 @@ import torch
 
 from ..hooks import HookSet
 from ..registry import register_adapter
-from ..signals import SIGNALS, SignalRequest
-from .base import Adapter
-from .llava_next import TILE_LEVEL, LlavaNextAdapter
+from ..signals import SignalRequest
+from .base import DECODER_SIGNALS, Adapter
+from .llava_next import IMAGE_SIDE, LlavaNextAdapter
 from .pooled_videos import PooledVideos
 
 
@@ -29,7 +29,7 @@ class LlavaNextVideoAdapter(PooledVideos, LlavaNextAdapter):
 
     model_type = "llava_next_video"
     summary = "LLaVA-NeXT-Video: LLaVA-NeXT images; video frames pooled 2 x 2, no newline"
-    signals = {name: "yes" for name in SIGNALS if name not in (*TILE_LEVEL, "received_attention")}
+    signals = {name: "yes" for name in (*IMAGE_SIDE, "frames", *DECODER_SIGNALS, "query")}
     image_only = ("cls_attention", "vision_hidden", "projector")  # captured per patch, before the video pooling
 
     # --- tokens ------------------------------------------------------------------------------------------------

@@ -22,12 +22,10 @@ from ..attention import head_mean_attention
 from ..hooks import HookSet
 from ..registry import register_adapter
 from ..schedule import SampleLayout
-from ..signals import SIGNALS, SignalRequest
-from .base import Adapter
+from ..signals import SignalRequest
+from .base import DECODER_SIGNALS, Adapter
 from .llava_next import LlavaNextAdapter
 from .pooled_videos import PooledVideos
-
-PER_PATCH = ("cls_attention", "vision_hidden", "vision_keys", "vision_qkv", "projector")
 
 
 @register_adapter("llava_onevision")
@@ -38,7 +36,7 @@ class LlavaOnevisionAdapter(PooledVideos, LlavaNextAdapter):
 
     model_type = "llava_onevision"
     summary = "LLaVA-OneVision: SigLIP tower without [CLS], anyres_max_9 tiles, pooled video frames, Qwen2 decoder"
-    signals = {name: "yes" for name in SIGNALS if name not in PER_PATCH}
+    signals = {name: "yes" for name in ("features", "received_attention", "grid", "frames", *DECODER_SIGNALS, "query")}
     video_newline = 1  # one newline placeholder after each video
 
     def why_not(self, signals: list[str]) -> str:

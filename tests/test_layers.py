@@ -91,3 +91,20 @@ def test_no_method_imports_another_methods_module():
         if others:
             wrong[name] = sorted(others)
     assert wrong == {}
+
+
+def test_one_description_per_signal():
+    """Every signal is described once (vlprune.signals.DESCRIPTIONS), documented in the module's table, and every
+    adapter declares only described signals, by name."""
+    import vlprune
+    from vlprune import signals
+    from vlprune.registry import adapter_class
+
+    names = [s.name for s in signals.DESCRIPTIONS]
+    assert len(set(names)) == len(names) and signals.SIGNALS == tuple(names)
+    for name in names:
+        assert f"``{name}``" in signals.__doc__
+    assert set(signals.TOKENWISE) <= set(signals.PER_TOKEN) | set(signals.LAYERED)
+    assert set(signals.SCORED) <= set(signals.LAYERED) and set(signals.VISION).isdisjoint(signals.SCORED)
+    for model in vlprune.list_models():
+        assert set(adapter_class(model).signals) <= set(names), model

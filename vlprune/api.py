@@ -35,12 +35,10 @@ from .hooks import HookSet
 from .plan import KeepPlan
 from .registry import adapter_class
 from .schedule import ResolvedStage, StageInputs, decide, decide_vision, frame_spans, resolve
-from .signals import VISION
+from .signals import SCORED, VISION
 from .tower import TowerStage
 
 logger = logging.getLogger(__name__)
-
-LLM_SCORED = ("llm_attention", "llm_keys", "text_attention")  # computed inside a decoder layer's attention
 
 
 @dataclass
@@ -138,7 +136,7 @@ class Pruned(Decoding, CallerHints, CallGuards):
             adapter.install_projector_stage(self._hooks, self._vision_stage)
         scored: dict[int, set[str]] = {}
         for r in requests:
-            if r.name in LLM_SCORED:
+            if r.name in SCORED:
                 scored.setdefault(r.layer, set()).add(r.name)
         for layer, names in sorted(scored.items()):
             adapter.inject_scorer(

@@ -47,30 +47,61 @@ from dataclasses import dataclass, field
 
 import torch
 
-SIGNALS = (
-    "features",
-    "cls_attention",
-    "received_attention",
-    "llm_attention",
-    "incoming_attention",
-    "text_attention",
-    "llm_keys",
-    "hidden",
-    "normed_hidden",
-    "embeddings",
-    "vision_hidden",
-    "vision_keys",
-    "projector",
-    "grid",
-    "frames",
-    "vision_qkv",
-    "query",
+
+@dataclass(frozen=True)
+class Signal:
+    """What the core knows about one signal (the table above says what its value is).
+
+    Attributes
+    ----------
+    name : str
+    captured : {"vision", "tower", "llm", "geometry", "caller"}
+        Where it comes from: the vision forward (before the LLM), streamed from inside the tower to a tower
+        selector, the language model's forward, the adapter's geometry, or the caller (:meth:`Pruned.set_query`).
+    layered : bool
+        Its value is keyed by a layer (``SignalRequest.layer``).
+    per_token : bool
+        Its value is one tensor with a row per candidate (what a frame's or a tile's view slices).
+    text : bool
+        Also given for the text after the image (``view.text``).
+    scored : bool
+        Computed inside a decoder layer's attention by vlprune's scoring attention function.
+    """
+
+    name: str
+    captured: str
+    layered: bool = False
+    per_token: bool = False
+    text: bool = False
+    scored: bool = False
+
+
+DESCRIPTIONS = (
+    Signal("features", "vision", per_token=True),
+    Signal("cls_attention", "vision", layered=True),
+    Signal("received_attention", "vision", per_token=True),
+    Signal("llm_attention", "llm", layered=True, scored=True),
+    Signal("incoming_attention", "llm", per_token=True),
+    Signal("text_attention", "llm", layered=True, scored=True),
+    Signal("llm_keys", "llm", layered=True, text=True, scored=True),
+    Signal("hidden", "llm", per_token=True, text=True),
+    Signal("normed_hidden", "llm", per_token=True, text=True),
+    Signal("embeddings", "llm", per_token=True, text=True),
+    Signal("vision_hidden", "vision", per_token=True),
+    Signal("vision_keys", "vision", per_token=True),
+    Signal("projector", "vision"),
+    Signal("grid", "geometry"),
+    Signal("frames", "geometry"),
+    Signal("vision_qkv", "tower"),
+    Signal("query", "caller"),
 )
-CORE = ("query",)  # given by the caller through the handle, whatever the model
-LAYERED = ("cls_attention", "llm_attention", "text_attention", "llm_keys")  # keyed by a layer
-# captured in the vision forward
-VISION = ("features", "cls_attention", "received_attention", "vision_hidden", "vision_keys", "projector")
-TOKENWISE = ("hidden", "normed_hidden", "embeddings", "llm_keys")  # also given for the text after the image
+SIGNALS = tuple(s.name for s in DESCRIPTIONS)
+CORE = tuple(s.name for s in DESCRIPTIONS if s.captured == "caller")  # given by the caller, whatever the model
+LAYERED = tuple(s.name for s in DESCRIPTIONS if s.layered)
+VISION = tuple(s.name for s in DESCRIPTIONS if s.captured == "vision")  # captured in the vision forward
+TOKENWISE = tuple(s.name for s in DESCRIPTIONS if s.text)  # also given for the text after the image
+PER_TOKEN = tuple(s.name for s in DESCRIPTIONS if s.per_token)  # one row per candidate
+SCORED = tuple(s.name for s in DESCRIPTIONS if s.scored)  # computed inside a decoder layer's attention
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,11 @@ import numpy as np
 import torch
 
 from ..registry import create_selector, register_selector
-from ..signals import SignalRequest, TokenView
+from ..signals import DESCRIPTIONS, PER_TOKEN, SignalRequest, TokenView
 from .base import Selection, Selector, check_params, top_k, whole_video
 from .shared import largest_remainder
 
-TOKENWISE = ("features", "received_attention", "vision_hidden", "vision_keys", "hidden", "normed_hidden", "embeddings")
-PER_LAYER = ("cls_attention",)  # {layer: (n,)}
+PER_LAYER = tuple(s.name for s in DESCRIPTIONS if s.layered and s.captured == "vision")  # {layer: (n,)}
 
 
 def load_clip(name: str, pretrained: str | None):
@@ -101,7 +100,7 @@ def frame_view(view: TokenView, rows: torch.Tensor) -> TokenView:
     """The view of one frame: ``rows`` (a frame's token slots, ascending) of ``view``'s token-wise signals, as an
     image of ``view.grid``."""
     sub = TokenView(index=torch.arange(rows.numel()), grid=view.grid, image=view.image)
-    for name in TOKENWISE:
+    for name in PER_TOKEN:
         value = getattr(view, name)
         if value is not None:
             setattr(sub, name, value[rows.to(value.device)])
