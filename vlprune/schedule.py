@@ -266,6 +266,78 @@ def _view(inputs: StageInputs, layout, b: int, j: int, grid, slots, ordinals, te
     return view
 
 
+@dataclass
+class _SampleDecision:
+    """What one stage decided for one sample, gathered unit by unit (see :func:`decide`)."""
+
+    row: torch.Tensor  # (Lc,) input row of each slot
+    slot_visual: torch.Tensor  # (Lc,) the slot holds a visual token
+    slot_ordinal: torch.Tensor  # (Lc,) its index among the sample's visual tokens, -1 for other slots
+    kept: list = field(default_factory=list)  # slot indices that stay
+    into: torch.Tensor | None = None  # (n_visual,) the plan's merged_into
+    weight: torch.Tensor | None = None  # (n_visual,) the plan's merge_weight
+    merge: list = field(default_factory=list)  # (source slots, target slots, weights) to combine after the gather
+    pairs: list = field(default_factory=list)  # the pair-form merges, in visual indices
+
+    def add(self, slots: torch.Tensor, selection: Selection, target: torch.Tensor, sources: int, gather: bool):
+        """A unit's ``selection`` over its candidate ``slots``; output ``i`` occupies the slot of candidate
+        ``target[i]``. ``gather``: its merges still have to be applied to the hidden states (not so for a vision-space
+        stage, applied before the projector)."""
+        self.kept.append(slots[selection.keep])
+        ordinals = self.slot_ordinal[slots]
+        if selection.into is None:
+            self.into[ordinals[selection.keep]] = ordinals[selection.keep]
+            self.weight[ordinals[selection.keep]] = 1.0
+            return
+        source, into, weight = selection.pairs(sources)
+        candidate = source < slots.numel()  # not the [CLS] source of a vision-space stage
+        source, into, weight = source[candidate], into[candidate], weight[candidate]
+        # the plan names one target per token: a token feeding several, the one it weighs most in (first on ties)
+        order = torch.argsort(weight, descending=True, stable=True)
+        order = order[torch.argsort(source[order], stable=True)]
+        first = torch.ones(order.numel(), dtype=torch.bool)
+        first[1:] = source[order][1:] != source[order][:-1]
+        pick = order[first]
+        self.into[ordinals[source[pick]]] = ordinals[target[into[pick]]]
+        self.weight[ordinals[source[pick]]] = weight[pick]
+        if selection.source is not None:
+            self.pairs.append((ordinals[source], ordinals[target[into]], weight))
+        if gather:
+            self.merge.append((slots[source], slots[target[into]], weight))
+
+
+def _slots_of(layout: SampleLayout, row: torch.Tensor) -> _SampleDecision:
+    """Which of a sample's current slots (input rows ``row``) hold its visual tokens, and which one each."""
+    nvis = layout.positions.numel()
+    found = torch.searchsorted(layout.positions, row).clamp(max=max(nvis - 1, 0))
+    slot_visual = (row >= 0) & (nvis > 0)
+    if nvis:
+        slot_visual &= layout.positions[found] == row
+    slot_ordinal = torch.where(slot_visual, found, -1)
+    into, weight = torch.full((nvis,), -1, dtype=torch.long), torch.zeros(nvis)
+    return _SampleDecision(row, slot_visual, slot_ordinal, into=into, weight=weight)
+
+
+def _units(layout: SampleLayout, sample: _SampleDecision, per: str) -> list[tuple]:
+    """``(image index, feature index, grid, candidate slots)`` of each unit a stage decides on (an image, a tile)."""
+    units = []
+    for j, image in enumerate(layout.images):
+        in_image = sample.slot_visual & (layout.image_of[sample.slot_ordinal.clamp(min=0)] == j)
+        for tile, grid in layout.units(j, per):
+            in_unit = in_image if tile is None else in_image & tile[sample.slot_ordinal.clamp(min=0)]
+            units.append((j, image, grid, torch.nonzero(in_unit).flatten()))
+    return units
+
+
+def _decided_sources(chosen: Selection, candidates: int) -> int:
+    """The sources of a vision-space stage's selection: its candidates, plus the [CLS] state when it used it."""
+    if chosen.into is None:
+        return candidates
+    if chosen.source is not None:  # contributions, not sources: the [CLS] source is the only extra
+        return max(candidates, int(chosen.source.max()) + 1 if chosen.source.numel() else 0)
+    return int(chosen.into.numel())
+
+
 def decide(rs: ResolvedStage, inputs: StageInputs, layouts: list[SampleLayout]):
     """Apply one stage to the current segment.
 
@@ -277,43 +349,24 @@ def decide(rs: ResolvedStage, inputs: StageInputs, layouts: list[SampleLayout]):
     """
     wanted = {(r.name, r.layer) for r in rs.requests}  # a view carries only this stage's own signals
     decided = inputs.vision.get("decided") if rs.selector.space == "vision" else None
-    keep_slots, merges, keep_visual, keep_tokens, image_of, merged_into, merge_weight = [], [], [], [], [], [], []
-    merge_pairs = []
+    samples = []
     for b, layout in enumerate(layouts):
-        row = inputs.rows[b].cpu()
-        nvis = layout.positions.numel()
-        found = torch.searchsorted(layout.positions, row).clamp(max=max(nvis - 1, 0))
-        slot_visual = (row >= 0) & (nvis > 0)
-        if nvis:
-            slot_visual &= layout.positions[found] == row
-        slot_ordinal = torch.where(slot_visual, found, -1)  # (Lc,) index into the sample's visual tokens
-        text = (row >= 0) & ~slot_visual
-        kept = [torch.nonzero(text).flatten()]  # text, fixed placeholders and the input's padding stay
+        sample = _slots_of(layout, inputs.rows[b].cpu())
+        row = sample.row
+        text = (row >= 0) & ~sample.slot_visual
+        sample.kept.append(torch.nonzero(text).flatten())  # text, fixed placeholders and the input's padding stay
         text &= ~torch.isin(row, layout.fixed)
-        into_b = torch.full((nvis,), -1, dtype=torch.long)
-        weight_b = torch.zeros(nvis)
-        src, dst, wts, pairs_b = [], [], [], []
-        units = []
-        for j, image in enumerate(layout.images):
-            in_image = slot_visual & (layout.image_of[slot_ordinal.clamp(min=0)] == j)
-            per = "image" if decided is not None else rs.stage.per
-            for tile, grid in layout.units(j, per):
-                in_unit = in_image if tile is None else in_image & tile[slot_ordinal.clamp(min=0)]
-                units.append((j, image, grid, torch.nonzero(in_unit).flatten()))
-        for j, image, grid, slots in units:
+        for j, image, grid, slots in _units(layout, sample, "image" if decided is not None else rs.stage.per):
             if slots.numel() == 0:
                 continue
-            k = rs.stage.budget(int(slots.numel()))
             if decided is not None:
                 chosen = decided[image]
-                k = int(chosen.keep.numel())
-                sources = slots.numel() if chosen.into is None else int(chosen.into.numel())
-                if chosen.source is not None:  # contributions, not sources: the [CLS] source is the only extra
-                    sources = max(slots.numel(), int(chosen.source.max()) + 1 if chosen.source.numel() else 0)
+                k, sources = int(chosen.keep.numel()), _decided_sources(chosen, slots.numel())
             else:
                 text_slots = torch.nonzero(text & (torch.arange(row.numel()) > slots.max())).flatten()
-                view = _view(inputs, layout, b, j, grid, slots, slot_ordinal[slots], text_slots, wanted)
+                view = _view(inputs, layout, b, j, grid, slots, sample.slot_ordinal[slots], text_slots, wanted)
                 view.ratio = rs.stage.ratio
+                k = rs.stage.budget(int(slots.numel()))
                 chosen, sources = rs.selector.select(view, k), view.n
                 k = min(rs.selector.count(view, k), view.n)
             selection = check_selection(rs.stage.method, chosen, slots.numel(), sources, k)
@@ -321,51 +374,32 @@ def decide(rs: ResolvedStage, inputs: StageInputs, layouts: list[SampleLayout]):
                 selection, target = in_llm_order(selection, int(sources))
             else:
                 target = selection.keep
-            kept.append(slots[selection.keep])
-            ordinals = slot_ordinal[slots]
-            if selection.into is None:
-                into_b[ordinals[selection.keep]] = ordinals[selection.keep]
-                weight_b[ordinals[selection.keep]] = 1.0
-                continue
-            source, into, weight = selection.pairs(int(sources))
-            candidate = source < slots.numel()  # not the [CLS] source of a vision-space stage
-            source, into, weight = source[candidate], into[candidate], weight[candidate]
-            # the plan names one target per token: a token feeding several, the one it weighs most in (first on ties)
-            order = torch.argsort(weight, descending=True, stable=True)
-            order = order[torch.argsort(source[order], stable=True)]
-            first = torch.ones(order.numel(), dtype=torch.bool)
-            first[1:] = source[order][1:] != source[order][:-1]
-            pick = order[first]
-            into_b[ordinals[source[pick]]] = ordinals[target[into[pick]]]
-            weight_b[ordinals[source[pick]]] = weight[pick]
-            if selection.source is not None:
-                pairs_b.append((ordinals[source], ordinals[target[into]], weight))
-            if decided is None:
-                src.append(slots[source])
-                dst.append(slots[target[into]])
-                wts.append(weight)
-        slots_b = torch.sort(torch.cat(kept)).values
-        keep_slots.append(slots_b)
-        merges.append((torch.cat(src), torch.cat(dst), torch.cat(wts)) if src else None)
-        visual_b = torch.sort(slot_ordinal[slots_b][slot_visual[slots_b]]).values
-        keep_visual.append(visual_b)
-        image_of.append(layout.image_of[visual_b])
-        keep_tokens.append(row[slots_b])
-        merged_into.append(into_b)
-        merge_weight.append(weight_b)
-        merge_pairs.append(tuple(torch.cat(part) for part in zip(*pairs_b, strict=True)) if pairs_b else None)
+            sample.add(slots, selection, target, int(sources), gather=decided is None)
+        samples.append(sample)
+    return _outcome(rs, layouts, samples)
+
+
+def _outcome(rs: ResolvedStage, layouts: list[SampleLayout], samples: list[_SampleDecision]):
+    """:func:`decide`'s result from each sample's decisions."""
+    keep_slots, merges, keep_visual = [], [], []
+    for sample in samples:
+        slots = torch.sort(torch.cat(sample.kept)).values
+        keep_slots.append(slots)
+        merges.append(tuple(torch.cat(part) for part in zip(*sample.merge, strict=True)) if sample.merge else None)
+        keep_visual.append(torch.sort(sample.slot_ordinal[slots][sample.slot_visual[slots]]).values)
+    pairs = [tuple(torch.cat(p) for p in zip(*s.pairs, strict=True)) if s.pairs else None for s in samples]
     plan = KeepPlan(
         layer=rs.layer,
         method=rs.stage.method,
         keep_visual=keep_visual,
-        keep_tokens=keep_tokens,
-        image_of=image_of,
+        keep_tokens=[s.row[slots] for s, slots in zip(samples, keep_slots, strict=True)],
+        image_of=[layout.image_of[v] for layout, v in zip(layouts, keep_visual, strict=True)],
         num_visual=[int(layout.positions.numel()) for layout in layouts],
         visual_rows=[layout.positions for layout in layouts],
         grids=[token_grids(layout) for layout in layouts],
-        merged_into=merged_into,
-        merge_weight=merge_weight,
-        merge_pairs=merge_pairs if any(p is not None for p in merge_pairs) else None,
+        merged_into=[s.into for s in samples],
+        merge_weight=[s.weight for s in samples],
+        merge_pairs=pairs if any(p is not None for p in pairs) else None,
         space=rs.selector.space,
     )
     return keep_slots, merges, plan
