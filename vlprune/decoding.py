@@ -5,14 +5,28 @@ prefill whose stage asks for it (PruneVid). A mixin of :class:`vlprune.api.Prune
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from . import compaction, hf
 from .attention import last_query_attention
 
+if TYPE_CHECKING:
+    from .api import _Call, _Session
+    from .decode_cache import CacheRestriction
+    from .model_adapters import Adapter
+
 
 class Decoding:
     """The decoding half of :class:`vlprune.api.Pruned` (see the module docstring)."""
+
+    # the per-call state it reads, set by Pruned
+    _call: _Call | None
+    _session: _Session | None
+    _cache: CacheRestriction | None
+    adapter: Adapter
+    _renumber: bool
 
     def _compact_earlier_cache(self, cache) -> None:
         """After a prefill whose stage at ``cache_back`` asks for it: the layers before it keep in their cache only

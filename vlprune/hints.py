@@ -9,6 +9,9 @@ from __future__ import annotations
 class CallerHints:
     """The caller's hints of :class:`vlprune.api.Pruned` (see the module docstring)."""
 
+    _query: tuple[list[str], list | None] | None  # set here, read by Pruned when it assembles a stage's inputs
+    _videos: list | None
+
     def set_query(self, questions: str | list[str], videos: list | None = None) -> None:
         """Give the methods that read the ``query`` signal (``query_frames``) the question of each sample and, per
         sample, its videos' decoded frames (each ``(F, H, W, 3)`` uint8, as :func:`vlprune.video.load_video` returns
