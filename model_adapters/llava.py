@@ -69,7 +69,7 @@ class LlavaAdapter(Adapter):
             self.vision_layer(None)
         elif request.name == "vision_qkv":
             self._check_tower(method)
-        if request.name == "vision_hidden" and not self.has_cls and method == "visionzip":
+        if request.cls and not self.has_cls:
             raise ValueError(f"method {method!r} needs a vision tower with a [CLS] token")
 
     def _check_tower(self, method: str) -> None:

@@ -84,6 +84,10 @@ def test_signal_the_model_cannot_give_names_model_and_method():
     with vlprune.wrap(siglip, "fastv", keep=3) as pruned, torch.no_grad():
         siglip(input_ids=ids, attention_mask=mask, pixel_values=pixels(1))
     assert pruned.plans[0].kept_per_sample == [3]
+    # the projector's input is there, but not the [CLS] state a request may ask for with it (VisionZip's)
+    pruned.adapter.check_request(vlprune.signals.SignalRequest("vision_hidden"), "m")
+    with pytest.raises(ValueError, match=r"method 'm' needs a vision tower with a \[CLS\] token"):
+        pruned.adapter.check_request(vlprune.signals.SignalRequest("vision_hidden", cls=True), "m")
 
 
 def test_wrapping_twice_is_an_error(model):

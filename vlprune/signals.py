@@ -107,10 +107,13 @@ SCORED = tuple(s.name for s in DESCRIPTIONS if s.scored)  # computed inside a de
 @dataclass(frozen=True)
 class SignalRequest:
     """A signal a selector needs; ``layer`` is a vision layer (``cls_attention``) or decoder layer (the other
-    layered signals); ``None`` means the adapter's default (the vision feature layer)."""
+    layered signals); ``None`` means the adapter's default (the vision feature layer). ``cls``: the selector also
+    needs the [CLS] token's value (``view.cls_hidden`` with ``vision_hidden``), so a tower without one cannot serve it.
+    """
 
     name: str
     layer: int | None = None
+    cls: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in SIGNALS:

@@ -83,7 +83,7 @@ class VisionZip(Selector):
 
     def requests(self, layer: int, vision_depth: int) -> list[SignalRequest]:
         only_layer0("visionzip", layer)
-        return [SignalRequest("cls_attention"), SignalRequest("vision_keys"), SignalRequest("vision_hidden")]
+        return [SignalRequest("cls_attention"), SignalRequest("vision_keys"), SignalRequest("vision_hidden", cls=True)]
 
     def count(self, view: TokenView, keep: int) -> int:
         if self.dominant is not None and self.contextual is not None:
