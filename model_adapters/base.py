@@ -12,7 +12,7 @@ from torch import nn
 from ..attention import PREFIX, SCORER_KWARG, SUPPORTED_BASES, first_query_attention
 from ..hooks import HookSet
 from ..schedule import SampleLayout
-from ..signals import SignalRequest
+from ..signals import ATTENTION, SignalRequest
 
 # the decoder-side signals, which the core computes in the language model of every family; an adapter opts in to
 # them and to each signal of its own vision side by name (a signal added later is not claimed before it is computed)
@@ -111,15 +111,7 @@ class Adapter:
 
     def scoring_configs(self, requests: list[SignalRequest]) -> list[str]:
         """Sub-config keys whose attention must run through the scoring wrapper for ``requests``."""
-        keys = {
-            "llm_attention": "text_config",
-            "llm_keys": "text_config",
-            "text_attention": "text_config",
-            "cls_attention": "vision_config",
-            "vision_keys": "vision_config",
-            "vision_qkv": "vision_config",
-        }
-        return sorted({keys[r.name] for r in requests if r.name in keys})
+        return sorted({ATTENTION[r.name] for r in requests if r.name in ATTENTION})
 
     # --- tokens ------------------------------------------------------------------------------------------------
     def visual_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:

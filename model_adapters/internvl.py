@@ -25,7 +25,7 @@ from ..attention import first_query_attention, head_mean_attention
 from ..hooks import HookSet
 from ..registry import register_adapter
 from ..schedule import SampleLayout
-from ..signals import SignalRequest
+from ..signals import ATTENTION, SignalRequest
 from .base import Adapter
 
 SUPPORTED = ("features", "cls_attention", "llm_attention", "llm_keys", "text_attention", "incoming_attention")
@@ -157,8 +157,7 @@ class InternVLAdapter(Adapter):
 
     # --- signals -----------------------------------------------------------------------------------------------
     def check_request(self, request: SignalRequest, method: str) -> None:
-        attention = {"llm_attention": "text_config", "llm_keys": "text_config", "text_attention": "text_config"}
-        attention["cls_attention"] = attention["received_attention"] = "vision_config"
+        attention = {**ATTENTION, "received_attention": "vision_config"}  # InternVL scores it in the tower's attention
         if request.name == "cls_attention":
             self.vision_layer(request.layer)
         if request.name in attention:

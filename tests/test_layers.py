@@ -106,5 +106,7 @@ def test_one_description_per_signal():
         assert f"``{name}``" in signals.__doc__
     assert set(signals.TOKENWISE) <= set(signals.PER_TOKEN) | set(signals.LAYERED)
     assert set(signals.SCORED) <= set(signals.LAYERED) and set(signals.VISION).isdisjoint(signals.SCORED)
+    assert set(signals.ATTENTION.values()) == {"text_config", "vision_config"}
+    assert all(signals.ATTENTION[name] == "text_config" for name in signals.SCORED)  # scored in the decoder
     for model in vlprune.list_models():
         assert set(adapter_class(model).signals) <= set(names), model

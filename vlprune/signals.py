@@ -66,6 +66,9 @@ class Signal:
         Also given for the text after the image (``view.text``).
     scored : bool
         Computed inside a decoder layer's attention by vlprune's scoring attention function.
+    attention : {"text_config", "vision_config"} or None
+        The sub-config whose attention layers must run through the scoring attention function to compute it (a
+        family may add its own, such as InternVL's ``received_attention``).
     """
 
     name: str
@@ -74,25 +77,26 @@ class Signal:
     per_token: bool = False
     text: bool = False
     scored: bool = False
+    attention: str | None = None
 
 
 DESCRIPTIONS = (
     Signal("features", "vision", per_token=True),
-    Signal("cls_attention", "vision", layered=True),
+    Signal("cls_attention", "vision", layered=True, attention="vision_config"),
     Signal("received_attention", "vision", per_token=True),
-    Signal("llm_attention", "llm", layered=True, scored=True),
+    Signal("llm_attention", "llm", layered=True, scored=True, attention="text_config"),
     Signal("incoming_attention", "llm", per_token=True),
-    Signal("text_attention", "llm", layered=True, scored=True),
-    Signal("llm_keys", "llm", layered=True, text=True, scored=True),
+    Signal("text_attention", "llm", layered=True, scored=True, attention="text_config"),
+    Signal("llm_keys", "llm", layered=True, text=True, scored=True, attention="text_config"),
     Signal("hidden", "llm", per_token=True, text=True),
     Signal("normed_hidden", "llm", per_token=True, text=True),
     Signal("embeddings", "llm", per_token=True, text=True),
     Signal("vision_hidden", "vision", per_token=True),
-    Signal("vision_keys", "vision", per_token=True),
+    Signal("vision_keys", "vision", per_token=True, attention="vision_config"),
     Signal("projector", "vision"),
     Signal("grid", "geometry"),
     Signal("frames", "geometry"),
-    Signal("vision_qkv", "tower"),
+    Signal("vision_qkv", "tower", attention="vision_config"),
     Signal("query", "caller"),
 )
 SIGNALS = tuple(s.name for s in DESCRIPTIONS)
@@ -102,6 +106,7 @@ VISION = tuple(s.name for s in DESCRIPTIONS if s.captured == "vision")  # captur
 TOKENWISE = tuple(s.name for s in DESCRIPTIONS if s.text)  # also given for the text after the image
 PER_TOKEN = tuple(s.name for s in DESCRIPTIONS if s.per_token)  # one row per candidate
 SCORED = tuple(s.name for s in DESCRIPTIONS if s.scored)  # computed inside a decoder layer's attention
+ATTENTION = {s.name: s.attention for s in DESCRIPTIONS if s.attention}  # signal -> sub-config of its scoring attention
 
 
 @dataclass(frozen=True)
