@@ -10,8 +10,10 @@ import vlprune
 from reference import embed, greedy, layer_loop, merges_of, original_positions
 from tiny import IMAGE, batch, pixels, prompt, tiny_llava
 
-# Parameters that fit the tiny 3-layer tower; every other default is the method's own.
-TINY_PARAMS = {"vtc_cls": {"start_layer": 0}}
+# Parameters that fit the tiny towers (at most 4 layers), as each method states them; every other default is its own.
+TINY_PARAMS = {
+    m: params for m in vlprune.list_methods() if (params := vlprune.registry.selector_class(m).small_model_params(4))
+}
 SHAPES = ((3, 4, 1), (1, 2, 2), (6, 3, 1))  # (text before, text after each image, images) per prompt
 
 
