@@ -189,7 +189,8 @@ def lmms_grid(
 ) -> list[dict]:
     """``vlprune bench --tasks ...``: the lmms-eval ``tasks`` for ``methods`` (default: every image method) at each
     of ``budgets`` (:func:`parse_budgets`) on ``model`` (default: the embedded one), with the offline tasks and
-    ``include`` (a folder of task YAMLs) registered; see :func:`run_grid` for the rest. Prints and returns the table."""
+    ``include`` (a folder of task YAMLs) registered; see :func:`run_grid` for the rest. Writes ``table.md`` (with
+    the CSV and plots) under ``out`` and returns the rows."""
     from lmms_eval.tasks import TaskManager
 
     from ..registry import list_methods
@@ -204,9 +205,7 @@ def lmms_grid(
         raise ValueError(f"unknown lmms-eval tasks {unknown}; see `lmms-eval tasks` or pass --include-path")
     lm = VLPrune(pretrained=model, device=device, dtype=dtype)
     grid = parse_budgets(budgets)
-    rows = run_grid(lm, methods, grid, tasks, manager, out, limit, timing_docs, repeats, fit=lm.is_embedded)
-    print((Path(out) / "table.md").read_text())
-    return rows
+    return run_grid(lm, methods, grid, tasks, manager, out, limit, timing_docs, repeats, fit=lm.is_embedded)
 
 
 def _with_ratios(rows: list[dict]) -> list[dict]:

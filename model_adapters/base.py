@@ -16,8 +16,15 @@ from ..signals import ATTENTION, SignalRequest
 
 # the decoder-side signals, which the core computes in the language model of every family; an adapter opts in to
 # them and to each signal of its own vision side by name (a signal added later is not claimed before it is computed)
-DECODER_SIGNALS = ("llm_attention", "incoming_attention", "text_attention", "llm_keys", "hidden", "normed_hidden")
-DECODER_SIGNALS += ("embeddings",)
+DECODER_SIGNALS = (
+    "llm_attention",
+    "incoming_attention",
+    "text_attention",
+    "llm_keys",
+    "hidden",
+    "normed_hidden",
+    "embeddings",
+)
 
 
 class Adapter:

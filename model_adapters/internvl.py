@@ -26,10 +26,9 @@ from ..hooks import HookSet
 from ..registry import register_adapter
 from ..schedule import SampleLayout
 from ..signals import ATTENTION, SignalRequest
-from .base import Adapter
+from .base import DECODER_SIGNALS, Adapter
 
-SUPPORTED = ("features", "cls_attention", "llm_attention", "llm_keys", "text_attention", "incoming_attention")
-SUPPORTED += ("hidden", "normed_hidden", "embeddings", "grid", "frames", "received_attention")
+SUPPORTED = ("features", "cls_attention", "received_attention", "grid", "frames", *DECODER_SIGNALS)
 CAPTURED = {"tile_features": "features", "tile_cls": "cls_attention", "tile_received": "received_attention"}
 
 

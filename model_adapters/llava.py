@@ -25,7 +25,7 @@ class LlavaAdapter(Adapter):
 
     model_type = "llava"
     summary = "LLaVA-1.5 and other llava-hf conversions: CLIP (or SigLIP) tower, projector, Llama-like decoder"
-    signals = {name: "yes" for name in (*VISION_SIDE, *DECODER_SIGNALS, "query")}  # [CLS]: checked
+    signals = {name: "yes" for name in (*VISION_SIDE, *DECODER_SIGNALS)}  # [CLS]: checked
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -44,7 +44,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     model_type = "llava_next"
     summary = "LLaVA-NeXT / 1.6: anyres tiles packed with row-end newlines (never pruned)"
-    signals = {name: "yes" for name in (*IMAGE_SIDE, *DECODER_SIGNALS, "query")}  # no video
+    signals = {name: "yes" for name in (*IMAGE_SIDE, *DECODER_SIGNALS)}  # no video
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

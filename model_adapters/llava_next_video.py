@@ -29,7 +29,7 @@ class LlavaNextVideoAdapter(PooledVideos, LlavaNextAdapter):
 
     model_type = "llava_next_video"
     summary = "LLaVA-NeXT-Video: LLaVA-NeXT images; video frames pooled 2 x 2, no newline"
-    signals = {name: "yes" for name in (*IMAGE_SIDE, "frames", *DECODER_SIGNALS, "query")}
+    signals = {name: "yes" for name in (*IMAGE_SIDE, "frames", *DECODER_SIGNALS)}
     image_only = ("cls_attention", "vision_hidden", "projector")  # captured per patch, before the video pooling
 
     # --- tokens ------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ class LlavaOnevisionAdapter(PooledVideos, LlavaNextAdapter):
 
     model_type = "llava_onevision"
     summary = "LLaVA-OneVision: SigLIP tower without [CLS], anyres_max_9 tiles, pooled video frames, Qwen2 decoder"
-    signals = {name: "yes" for name in ("features", "received_attention", "grid", "frames", *DECODER_SIGNALS, "query")}
+    signals = {name: "yes" for name in ("features", "received_attention", "grid", "frames", *DECODER_SIGNALS)}
     video_newline = 1  # one newline placeholder after each video
 
     def why_not(self, signals: list[str]) -> str:

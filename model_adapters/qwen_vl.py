@@ -27,10 +27,9 @@ from torch import nn
 from ..hooks import HookSet
 from ..registry import register_adapter
 from ..signals import SignalRequest
-from .base import Adapter
+from .base import DECODER_SIGNALS, Adapter
 
-SUPPORTED = ("features", "llm_attention", "llm_keys", "text_attention", "incoming_attention", "hidden")
-SUPPORTED += ("normed_hidden", "embeddings", "grid", "frames")
+SUPPORTED = ("features", "grid", "frames", *DECODER_SIGNALS)
 NO_CLS = ("cls_attention", "vision_hidden", "vision_keys", "vision_qkv")  # read the [CLS] token or its states
 
 

@@ -115,6 +115,7 @@ def cmd_bench(args) -> int:
 
         fractions = tuple(float(f) for f in args.fractions.split(","))
         shapes_table(args.out, _names(args.methods), fractions, args.samples, args.model)
+        print((Path(args.out) / "table.md").read_text())
         return 0
     from .eval.grid import lmms_grid
 
@@ -131,6 +132,7 @@ def cmd_bench(args) -> int:
         args.timing_docs,
         args.repeats,
     )
+    print((Path(args.out) / "table.md").read_text())
     return 0
 
 

@@ -146,8 +146,10 @@ def check_selection(method: str, chosen, n: int, sources: int, k: int) -> Select
 def in_llm_order(selection: Selection, sources: int) -> tuple[Selection, torch.Tensor]:
     """The selection and the candidate whose slot each output occupies: ``keep[i]``, or for an ``ordered``
     selection the ``i``-th kept candidate in position order (a reordering becomes a merge of weight 1)."""
+    if not selection.ordered:
+        return selection, selection.keep
     target = torch.sort(selection.keep).values
-    if not selection.ordered or torch.equal(target, selection.keep):
+    if torch.equal(target, selection.keep):
         return selection, selection.keep
     if selection.into is None:
         into = torch.full((sources,), -1, dtype=torch.long)
@@ -273,9 +275,9 @@ class _SampleDecision:
     row: torch.Tensor  # (Lc,) input row of each slot
     slot_visual: torch.Tensor  # (Lc,) the slot holds a visual token
     slot_ordinal: torch.Tensor  # (Lc,) its index among the sample's visual tokens, -1 for other slots
+    into: torch.Tensor  # (n_visual,) the plan's merged_into
+    weight: torch.Tensor  # (n_visual,) the plan's merge_weight
     kept: list = field(default_factory=list)  # slot indices that stay
-    into: torch.Tensor | None = None  # (n_visual,) the plan's merged_into
-    weight: torch.Tensor | None = None  # (n_visual,) the plan's merge_weight
     merge: list = field(default_factory=list)  # (source slots, target slots, weights) to combine after the gather
     pairs: list = field(default_factory=list)  # the pair-form merges, in visual indices
 
@@ -315,7 +317,7 @@ def _slots_of(layout: SampleLayout, row: torch.Tensor) -> _SampleDecision:
         slot_visual &= layout.positions[found] == row
     slot_ordinal = torch.where(slot_visual, found, -1)
     into, weight = torch.full((nvis,), -1, dtype=torch.long), torch.zeros(nvis)
-    return _SampleDecision(row, slot_visual, slot_ordinal, into=into, weight=weight)
+    return _SampleDecision(row, slot_visual, slot_ordinal, into, weight)
 
 
 def _units(layout: SampleLayout, sample: _SampleDecision, per: str) -> list[tuple]:

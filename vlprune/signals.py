@@ -64,11 +64,10 @@ class Signal:
         Its value is one tensor with a row per candidate (what a frame's or a tile's view slices).
     text : bool
         Also given for the text after the image (``view.text``).
-    scored : bool
-        Computed inside a decoder layer's attention by vlprune's scoring attention function.
     attention : {"text_config", "vision_config"} or None
-        The sub-config whose attention layers must run through the scoring attention function to compute it (a
-        family may add its own, such as InternVL's ``received_attention``).
+        The sub-config whose attention layers must run through vlprune's scoring attention function to compute it
+        (``"text_config"``: scored inside a decoder layer); a family may add its own, such as InternVL's
+        ``received_attention``.
     """
 
     name: str
@@ -76,7 +75,6 @@ class Signal:
     layered: bool = False
     per_token: bool = False
     text: bool = False
-    scored: bool = False
     attention: str | None = None
 
 
@@ -84,10 +82,10 @@ DESCRIPTIONS = (
     Signal("features", "vision", per_token=True),
     Signal("cls_attention", "vision", layered=True, attention="vision_config"),
     Signal("received_attention", "vision", per_token=True),
-    Signal("llm_attention", "llm", layered=True, scored=True, attention="text_config"),
+    Signal("llm_attention", "llm", layered=True, attention="text_config"),
     Signal("incoming_attention", "llm", per_token=True),
-    Signal("text_attention", "llm", layered=True, scored=True, attention="text_config"),
-    Signal("llm_keys", "llm", layered=True, text=True, scored=True, attention="text_config"),
+    Signal("text_attention", "llm", layered=True, attention="text_config"),
+    Signal("llm_keys", "llm", layered=True, text=True, attention="text_config"),
     Signal("hidden", "llm", per_token=True, text=True),
     Signal("normed_hidden", "llm", per_token=True, text=True),
     Signal("embeddings", "llm", per_token=True, text=True),
@@ -105,7 +103,7 @@ LAYERED = tuple(s.name for s in DESCRIPTIONS if s.layered)
 VISION = tuple(s.name for s in DESCRIPTIONS if s.captured == "vision")  # captured in the vision forward
 TOKENWISE = tuple(s.name for s in DESCRIPTIONS if s.text)  # also given for the text after the image
 PER_TOKEN = tuple(s.name for s in DESCRIPTIONS if s.per_token)  # one row per candidate
-SCORED = tuple(s.name for s in DESCRIPTIONS if s.scored)  # computed inside a decoder layer's attention
+SCORED = tuple(s.name for s in DESCRIPTIONS if s.attention == "text_config")  # computed inside a decoder layer
 ATTENTION = {s.name: s.attention for s in DESCRIPTIONS if s.attention}  # signal -> sub-config of its scoring attention
 
 

@@ -92,7 +92,6 @@ def shapes_table(
         writer.writerows(rows)
     (out / "table.md").write_text(markdown(rows, fractions, len(samples)) + "\n")
     plot(rows, fractions, out / "accuracy.png")
-    print((out / "table.md").read_text())
     return rows
 
 

@@ -191,13 +191,13 @@ def check_params(method: str, unit: dict | None = None, counts: dict | None = No
             raise TypeError(f"{method} {name} must be a number, got {value!r}")
 
 
-ORDERS = ("position", "release")
+ORDERS = ("position", "release")  # the ``order`` of a method that can feed its release's token order
 
 
-def check_order(method: str, order) -> None:
-    """Raise for an ``order`` hyper-parameter that is not one of :data:`ORDERS`."""
-    if order not in ORDERS:
-        raise ValueError(f"{method} order must be one of {ORDERS}, got {order!r}")
+def check_choice(method: str, name: str, value, choices: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` for a hyper-parameter ``name`` whose ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{method} {name} must be one of {choices}, got {value!r}")
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..registry import register_selector
 from ..signals import SignalRequest, TokenView
-from .base import Selector, top_k
+from .base import Selector, check_choice, top_k
 
 
 def dart_pick(
@@ -88,8 +88,7 @@ class DART(Selector):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"dart {name} must be an int >= 0, got {value!r}")
-        if self.pivot_order not in ("fixed", "release"):
-            raise ValueError(f"dart pivot_order must be 'fixed' or 'release', got {self.pivot_order!r}")
+        check_choice("dart", "pivot_order", self.pivot_order, ("fixed", "release"))
         if self.image_pivots + self.text_pivots == 0:
             raise ValueError("dart needs at least one pivot (image_pivots + text_pivots >= 1)")
 

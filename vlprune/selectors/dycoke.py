@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..registry import register_selector
 from ..signals import SignalRequest, TokenView
-from .base import Selection, Selector, check_order, only_layer0, top_k, whole_video
+from .base import ORDERS, Selection, Selector, check_choice, only_layer0, top_k, whole_video
 
 GROUP = 4  # frames per group: the first is kept whole
 
@@ -90,7 +90,7 @@ class DyCoke(Selector):
                 raise ValueError(f"dycoke {name} must be in [0, 1], got {value!r}")
         if isinstance(self.cache_layer, bool) or not isinstance(self.cache_layer, int) or self.cache_layer < 1:
             raise ValueError(f"dycoke cache_layer must be an integer >= 1, got {self.cache_layer!r}")
-        check_order("dycoke", self.order)
+        check_choice("dycoke", "order", self.order, ORDERS)
 
     def feeds_order(self) -> bool:
         return self.order == "release"

@@ -51,7 +51,7 @@ import torch
 from ..registry import register_selector
 from ..signals import SignalRequest, TokenView
 from ..temporal import holitom_windows, static_positions, transition_similarity
-from .base import Selection, Selector, check_order, check_params, top_k, whole_video
+from .base import ORDERS, Selection, Selector, check_choice, check_params, top_k, whole_video
 from .shared import ascending_clusters, largest_remainder
 
 
@@ -93,7 +93,7 @@ class HoliTom(Selector):
     def __post_init__(self) -> None:
         unit = {"beta": self.beta, "context": self.context}
         check_params("holitom", unit, {"k": self.k, "max_window": self.max_window}, {"threshold": self.threshold})
-        check_order("holitom", self.order)
+        check_choice("holitom", "order", self.order, ORDERS)
 
     def feeds_order(self) -> bool:
         return self.order == "release"
