@@ -10,21 +10,10 @@ import torch
 from torch import nn
 
 from ..attention import PREFIX, SCORER_KWARG, SUPPORTED_BASES, first_query_attention
+from ..captures import VisionCaptures
 from ..hooks import HookSet
-from ..schedule import SampleLayout
+from ..layout import SampleLayout
 from ..signals import ATTENTION, SignalRequest
-
-# the decoder-side signals, which the core computes in the language model of every family; an adapter opts in to
-# them and to each signal of its own vision side by name (a signal added later is not claimed before it is computed)
-DECODER_SIGNALS = (
-    "llm_attention",
-    "incoming_attention",
-    "text_attention",
-    "llm_keys",
-    "hidden",
-    "normed_hidden",
-    "embeddings",
-)
 
 
 class Adapter:
@@ -151,20 +140,20 @@ class Adapter:
         side = round(count**0.5)
         return (side, side) if side * side == count else None
 
-    def image_sizes(self, store: dict) -> list[int] | None:
+    def image_sizes(self, store: VisionCaptures) -> list[int] | None:
         """Token count of every image of the batch, in the order the model scatters them, when it varies per image
         (read from what the vision hooks captured); ``None`` when :meth:`image_token_counts` fixes it."""
         return None
 
-    def grid_of(self, store: dict, image: int, count: int) -> tuple[int, int] | None:
+    def grid_of(self, store: VisionCaptures, image: int, count: int) -> tuple[int, int] | None:
         """(h, w) token grid of the batch's ``image``-th image, which has ``count`` tokens."""
         return self.image_grid(count)
 
-    def frames_of(self, store: dict, image: int) -> int:
+    def frames_of(self, store: VisionCaptures, image: int) -> int:
         """Frames of the batch's ``image``-th visual input (1 for an image)."""
         return 1
 
-    def layouts(self, visual: torch.Tensor, store: dict) -> list:
+    def layouts(self, visual: torch.Tensor, store: VisionCaptures) -> list:
         """Per-sample :class:`SampleLayout` from the (B, L) visual mask; images are numbered across the batch in
         the order the model scatters their features."""
         sizes = self.image_sizes(store)
@@ -199,18 +188,18 @@ class Adapter:
 
     # --- signals -----------------------------------------------------------------------------------------------
     @staticmethod
-    def check_vision(store: dict, layouts: list, required: set[str]) -> None:
+    def check_vision(store: VisionCaptures, layouts: list, required: set[str]) -> None:
         """Raise if the vision signals in ``required`` were not captured for exactly the images the prompt's
         placeholders call for (for example, features passed in by the caller instead of computed by the model)."""
         images = sum(len(layout.images) for layout in layouts)
-        missing = sorted(name for name in required if name not in store)
+        missing = sorted(name for name in required if not store.has(name))
         if images and missing:
             raise ValueError(
                 f"the prompt has {images} image(s) but no {missing} signal was captured during this call; pass "
                 "pixel_values to the wrapped model (not precomputed image features) so vlprune sees the vision tower"
             )
-        captured = [store["features"]] if "features" in store else []
-        captured += list(store.get("cls_attention", {}).values())
+        captured = [store.features] if store.has("features") else []
+        captured += list(store.cls_attention.values())
         for value in captured:
             if len(value) != images:
                 raise ValueError(
@@ -218,7 +207,7 @@ class Adapter:
                     f"call cover {len(value)}; pass pixel_values to the wrapped model so vlprune sees them"
                 )
 
-    def check_frames(self, store: dict, layouts: list) -> None:
+    def check_frames(self, store: VisionCaptures, layouts: list) -> None:
         """Raise if a method reading ``frames`` cannot be told this call's videos (families whose prompts do not mark
         them wait for :meth:`vlprune.Pruned.set_videos`)."""
 
@@ -230,7 +219,7 @@ class Adapter:
         """Raise ``ValueError`` naming the model and method if ``request`` cannot be provided by this model."""
         raise NotImplementedError
 
-    def install_vision(self, requests: list[SignalRequest], store: dict, hooks: HookSet) -> None:
+    def install_vision(self, requests: list[SignalRequest], store: VisionCaptures, hooks: HookSet) -> None:
         """Install the hooks that fill ``store`` with the vision-side signals among ``requests``."""
         raise NotImplementedError
 
@@ -267,17 +256,17 @@ class Adapter:
         raise NotImplementedError(f"{type(self).__name__} has no pre-projector stage support")
 
     @staticmethod
-    def vision_scorer(store: dict, keys: list, drop_cls: bool, want_keys: bool = False):
+    def vision_scorer(store: VisionCaptures, keys: list, drop_cls: bool, want_keys: bool = False):
         """A scorer for one vision attention module: stores the [CLS] row (head mean) under each of ``keys`` in
-        ``store["cls_attention"]`` and, with ``want_keys``, the head-mean keys in ``store["vision_keys"]``."""
+        ``store.cls_attention`` and, with ``want_keys``, the head-mean keys in ``store.vision_keys``."""
 
         def scorer(module, query, key, value, kwargs):
             if keys:
                 scores = first_query_attention(query, key, kwargs.get("scaling")).detach()  # (n_img, T)
                 scores = scores[:, 1:] if drop_cls else scores
                 for k in keys:
-                    store.setdefault("cls_attention", {})[k] = scores
+                    store.cls_attention[k] = scores
             if want_keys:
-                store["vision_keys"] = key.detach().mean(1)  # (n_img, T, d)
+                store.vision_keys = key.detach().mean(1)  # (n_img, T, d)
 
         return scorer

@@ -22,11 +22,13 @@ import torch
 from torch import nn
 
 from ..attention import first_query_attention, head_mean_attention
+from ..captures import VisionCaptures
 from ..hooks import HookSet
+from ..layout import SampleLayout
+from ..llm_signals import DECODER_SIGNALS
 from ..registry import register_adapter
-from ..schedule import SampleLayout
 from ..signals import ATTENTION, SignalRequest
-from .base import DECODER_SIGNALS, Adapter
+from .base import Adapter
 
 SUPPORTED = ("features", "cls_attention", "received_attention", "grid", "frames", *DECODER_SIGNALS)
 CAPTURED = {"tile_features": "features", "tile_cls": "cls_attention", "tile_received": "received_attention"}
@@ -69,8 +71,8 @@ class InternVLAdapter(Adapter):
     def image_token_counts(self, num_visual: int) -> list[int]:
         return [num_visual]  # unused: layouts() splits the placeholders into images itself
 
-    def layouts(self, visual: torch.Tensor, store: dict) -> list:
-        hint = store.get("video_frames")
+    def layouts(self, visual: torch.Tensor, store: VisionCaptures) -> list:
+        hint = store.video_frames
         out, first, tiles = [], 0, []
         for b in range(visual.shape[0]):
             positions = torch.nonzero(visual[b].cpu()).flatten()
@@ -138,21 +140,21 @@ class InternVLAdapter(Adapter):
         return counts, frames
 
     @staticmethod
-    def _per_image(store: dict, tiles: list[int]) -> None:
+    def _per_image(store: VisionCaptures, tiles: list[int]) -> None:
         """Regroup the per-tile signals captured in the vision forward into one entry per image or video."""
         for key, target in CAPTURED.items():
-            if key not in store:
+            if key not in store.family:
                 continue
-            values = store[key]
+            values = store.family[key]
             by_layer = isinstance(values, dict)
             for layer, value in values.items() if by_layer else [(None, values)]:
                 if sum(tiles) != value.shape[0]:
                     continue  # check_vision reports the mismatch
                 grouped = [part.reshape(-1, *part.shape[2:]) for part in value.split(tiles)]
                 if by_layer:
-                    store.setdefault(target, {})[layer] = grouped
+                    getattr(store, target)[layer] = grouped
                 else:
-                    store[target] = grouped
+                    setattr(store, target, grouped)
 
     # --- signals -----------------------------------------------------------------------------------------------
     def check_request(self, request: SignalRequest, method: str) -> None:
@@ -168,17 +170,17 @@ class InternVLAdapter(Adapter):
             keys = sorted([*keys, "vision_config"])
         return keys
 
-    def check_frames(self, store: dict, layouts: list) -> None:
-        if "video_frames" not in store:
+    def check_frames(self, store: VisionCaptures, layouts: list) -> None:
+        if store.video_frames is None:
             raise ValueError(
                 "InternVL's processor writes each video frame as an image of its own, so the prompt does not say which "
                 "images are frames of one video: call pruned.set_videos(...) with, per sample, each image (None) or "
                 "video (its frame count) in prompt order before the call"
             )
 
-    def install_vision(self, requests: list[SignalRequest], store: dict, hooks: HookSet) -> None:
+    def install_vision(self, requests: list[SignalRequest], store: VisionCaptures, hooks: HookSet) -> None:
         if any(r.name == "features" for r in requests):
-            hooks.post(self.projector, lambda module, args, kwargs, out: store.__setitem__("tile_features", out))
+            hooks.post(self.projector, lambda module, args, kwargs, out: store.family.__setitem__("tile_features", out))
         by_layer: dict[int, list] = {}
         for r in requests:
             if r.name == "cls_attention":
@@ -195,7 +197,7 @@ class InternVLAdapter(Adapter):
         shuffle, ratio = self.base.pixel_shuffle, self.model.config.downsample_ratio
         return shuffle(patches.reshape(-1, side, side, 1), scale_factor=ratio).sum(-1).reshape(patches.shape[0], -1)
 
-    def _scorer(self, store: dict, keys: list, received: bool, chunk: int = 8):
+    def _scorer(self, store: VisionCaptures, keys: list, received: bool, chunk: int = 8):
         """A scorer for one tower attention: the [CLS] row under each of ``keys`` (``tile_cls``) and, with
         ``received``, the attention each patch receives (``tile_received``, ``chunk`` tiles at a time)."""
 
@@ -204,13 +206,13 @@ class InternVLAdapter(Adapter):
             if keys:
                 tokens = self._to_tokens(first_query_attention(query, key, scaling).detach()[:, 1:])
                 for k in keys:
-                    store.setdefault("tile_cls", {})[k] = tokens
+                    store.family.setdefault("tile_cls", {})[k] = tokens
             if received:
                 with torch.no_grad():
                     parts = [
                         head_mean_attention(q, k, scaling, None).mean(1)[:, 1:]
                         for q, k in zip(query.split(chunk), key.split(chunk), strict=True)
                     ]
-                store["tile_received"] = self._to_tokens(torch.cat(parts))
+                store.family["tile_received"] = self._to_tokens(torch.cat(parts))
 
         return score

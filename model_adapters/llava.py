@@ -8,10 +8,12 @@ import copy
 import torch
 from torch import nn
 
+from ..captures import VisionCaptures
 from ..hooks import HookSet
+from ..llm_signals import DECODER_SIGNALS
 from ..registry import register_adapter
 from ..signals import SignalRequest
-from .base import DECODER_SIGNALS, Adapter
+from .base import Adapter
 
 # what a LLaVA-1.5 vision side (CLIP with [CLS], one grid per image) gives
 VISION_SIDE = ("features", "cls_attention", "vision_hidden", "vision_keys", "projector", "grid", "vision_qkv")
@@ -113,23 +115,23 @@ class LlavaAdapter(Adapter):
             self.inject_scorer(hooks, layers[index].self_attn, observe(index))
         hooks.post(self.projector, lambda module, args, kwargs, out: tower.expand(out))
 
-    def install_vision(self, requests: list[SignalRequest], store: dict, hooks: HookSet) -> None:
+    def install_vision(self, requests: list[SignalRequest], store: VisionCaptures, hooks: HookSet) -> None:
         names = {r.name for r in requests}
         if "features" in names:
-            hooks.post(self.projector, lambda module, args, kwargs, out: store.__setitem__("features", out.detach()))
+            hooks.post(self.projector, lambda module, args, kwargs, out: setattr(store, "features", out.detach()))
         if names & {"vision_hidden", "projector"}:
 
             def capture(module, args, kwargs):
-                store["vision_hidden"] = args[0].detach()
+                store.vision_hidden = args[0].detach()
                 if "projector" in names:
-                    store["project"] = self.projector_fp32()
+                    store.project = self.projector_fp32()
 
             hooks.pre(self.projector, capture)
         feature_layer = self.vision_layer(None) if names & {"vision_hidden", "vision_keys"} else None
         if "vision_hidden" in names and self.has_cls:
             hooks.post(
                 self.vision_tower.encoder.layers[feature_layer],
-                lambda module, args, kwargs, out: store.__setitem__("cls_hidden", out[:, 0].detach()),
+                lambda module, args, kwargs, out: setattr(store, "cls_hidden", out[:, 0].detach()),
             )
         by_layer: dict[int, list] = {}
         for r in requests:

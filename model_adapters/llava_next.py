@@ -26,11 +26,12 @@ import inspect
 import torch
 from torch import nn
 
+from ..captures import VisionCaptures
 from ..hooks import HookSet
+from ..layout import SampleLayout
+from ..llm_signals import DECODER_SIGNALS
 from ..registry import register_adapter
-from ..schedule import SampleLayout
 from ..signals import SignalRequest
-from .base import DECODER_SIGNALS
 from .llava import LlavaAdapter
 
 TILE_LEVEL = ("vision_keys", "vision_qkv")  # VisionZip and FlowCut act on each tile before the packing
@@ -64,14 +65,14 @@ class LlavaNextAdapter(LlavaAdapter):
             f"pixel_values and image_sizes to the wrapped {self.model_type} model so vlprune sees each image's tiles"
         )
 
-    def image_sizes(self, store: dict) -> list[int] | None:
-        packed = store.get("packed")
+    def image_sizes(self, store: VisionCaptures) -> list[int] | None:
+        packed = store.family.get("packed")
         return None if packed is None else [int(p.numel()) for p in packed]
 
-    def layouts(self, visual: torch.Tensor, store: dict) -> list:
+    def layouts(self, visual: torch.Tensor, store: VisionCaptures) -> list:
         out = []
         for layout in super().layouts(visual, store):
-            newline = [store["packed"][i] == 0 for i in layout.images]
+            newline = [store.family["packed"][i] == 0 for i in layout.images]
             tiles = [self._tiles(store, i) for i in layout.images]
             newline = torch.cat(newline) if newline else torch.zeros(0, dtype=torch.bool)
             tile_of = [t for t, _ in tiles]
@@ -82,7 +83,7 @@ class LlavaNextAdapter(LlavaAdapter):
                     local=torch.cat([torch.arange(len(t)) for t in tile_of]) if tiles else torch.zeros(0).long(),
                     images=layout.images,
                     grids=[
-                        self.image_grid(len(t)) if store["tiles"][i] == 1 else None
+                        self.image_grid(len(t)) if store.family["tiles"][i] == 1 else None
                         for i, t in zip(layout.images, tile_of, strict=True)
                     ],
                     fixed=layout.positions[newline],
@@ -92,13 +93,13 @@ class LlavaNextAdapter(LlavaAdapter):
             )
         return out
 
-    def _tiles(self, store: dict, image: int) -> tuple[torch.Tensor, list]:
+    def _tiles(self, store: VisionCaptures, image: int) -> tuple[torch.Tensor, list]:
         """Tile (within the image) of each visual token of the batch's ``image``-th image, and each tile's token grid.
         Where the model interpolated the crops' tokens (LLaVA-OneVision), they form one unit after the base tile."""
-        sources = store["packed"][image]
+        sources = store.family["packed"][image]
         sources = sources[sources != 0] - 1
         per_tile = self.tokens_per_image
-        first = sum(store["tiles"][:image])
+        first = sum(store.family["tiles"][:image])
         base = torch.arange(len(sources)) >= per_tile
         if not torch.equal(sources, sources.round()):
             rest = len(sources) - per_tile
@@ -107,7 +108,7 @@ class LlavaNextAdapter(LlavaAdapter):
         patch = sources.long() % per_tile
         side = self.image_grid(per_tile)
         grids = []
-        for t in range(store["tiles"][image]):
+        for t in range(store.family["tiles"][image]):
             here = patch[tile == t]
             if side is None or not len(here):
                 grids.append(None)
@@ -125,11 +126,11 @@ class LlavaNextAdapter(LlavaAdapter):
             )
         return super().visual_mask(input_ids, inputs_embeds)
 
-    def install_vision(self, requests: list[SignalRequest], store: dict, hooks: HookSet) -> None:
+    def install_vision(self, requests: list[SignalRequest], store: VisionCaptures, hooks: HookSet) -> None:
         super().install_vision(requests, store, hooks)  # per-tile captures, regrouped per image below
         hooks.method(self.base, "pack_image_features", lambda original: self._packer(original, store))
 
-    def _packer(self, original, store: dict):
+    def _packer(self, original, store: VisionCaptures):
         """``pack_image_features`` that also records, per image, where each packed token comes from: ``0`` for a
         newline, else ``1 +`` its flat (tile, patch) index among the batch's tiles (fractional where the model
         interpolates), and regroups the per-tile signals per image in packed order, newlines excluded."""
@@ -148,17 +149,17 @@ class LlavaNextAdapter(LlavaAdapter):
             if bound.arguments.get("image_newline") is not None:
                 bound.arguments["image_newline"] = torch.zeros(1, dtype=torch.float64)
             packed = [p[:, 0].cpu() for p in original(*bound.args, **bound.kwargs)[0]]
-            store["packed"], store["tiles"] = packed, [t.shape[0] for t in tiles]
+            store.family["packed"], store.family["tiles"] = packed, [t.shape[0] for t in tiles]
             self._per_image(store, packed, [p.detach() for p in out[0]])
             return out
 
         return pack
 
-    def _per_image(self, store: dict, packed: list[torch.Tensor], features: list[torch.Tensor]) -> None:
-        if "features" in store:
-            store["features"] = [f[p != 0] for f, p in zip(features, packed, strict=True)]
-        tiled = {key: value for key, value in store.get("cls_attention", {}).items()}
-        if not tiled and "vision_hidden" not in store:
+    def _per_image(self, store: VisionCaptures, packed: list[torch.Tensor], features: list[torch.Tensor]) -> None:
+        if store.has("features"):
+            store.features = [f[p != 0] for f, p in zip(features, packed, strict=True)]
+        tiled = dict(store.cls_attention)
+        if not tiled and not store.has("vision_hidden"):
             return
         sources = []
         for p in packed:
@@ -171,7 +172,7 @@ class LlavaNextAdapter(LlavaAdapter):
             sources.append(p.long() - 1)
         for key, value in tiled.items():  # (tiles, P) -> per image (n,)
             flat = value.reshape(-1)
-            store["cls_attention"][key] = [flat[s.to(flat.device)] for s in sources]
-        if "vision_hidden" in store:  # (tiles, P, Dv) -> per image (n, Dv)
-            flat = store["vision_hidden"].reshape(-1, store["vision_hidden"].shape[-1])
-            store["vision_hidden"] = [flat[s.to(flat.device)] for s in sources]
+            store.cls_attention[key] = [flat[s.to(flat.device)] for s in sources]
+        if store.has("vision_hidden"):  # (tiles, P, Dv) -> per image (n, Dv)
+            flat = store.vision_hidden.reshape(-1, store.vision_hidden.shape[-1])
+            store.vision_hidden = [flat[s.to(flat.device)] for s in sources]

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import torch
 
+from ..captures import VisionCaptures
 from ..hooks import HookSet
+from ..llm_signals import DECODER_SIGNALS
 from ..registry import register_adapter
 from ..signals import SignalRequest
-from .base import DECODER_SIGNALS, Adapter
+from .base import Adapter
 from .llava_next import IMAGE_SIDE, LlavaNextAdapter
 from .pooled_videos import PooledVideos
 
@@ -36,14 +38,14 @@ class LlavaNextVideoAdapter(PooledVideos, LlavaNextAdapter):
     def visual_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
         return self.images_or_videos(input_ids, inputs_embeds, self.model.config.video_token_id)
 
-    def layouts(self, visual: torch.Tensor, store: dict) -> list:
-        if "videos" in store:  # no newlines, no tiles
+    def layouts(self, visual: torch.Tensor, store: VisionCaptures) -> list:
+        if "videos" in store.family:  # no newlines, no tiles
             return Adapter.layouts(self, visual, store)
         return super().layouts(visual, store)
 
     # --- signals -----------------------------------------------------------------------------------------------
-    def check_vision(self, store: dict, layouts: list, required: set[str]) -> None:
-        if "videos" in store:
+    def check_vision(self, store: VisionCaptures, layouts: list, required: set[str]) -> None:
+        if "videos" in store.family:
             per_patch = sorted(set(required) & set(self.image_only))
             if per_patch:
                 raise ValueError(
@@ -51,24 +53,24 @@ class LlavaNextVideoAdapter(PooledVideos, LlavaNextAdapter):
                     "video tokens; use a method reading features or the LLM for videos"
                 )
             for name in self.image_only:  # what the hooks caught of the frames before pooling
-                store.pop(name, None)
+                store.drop(name)
         super().check_vision(store, layouts, required)
 
-    def install_vision(self, requests: list[SignalRequest], store: dict, hooks: HookSet) -> None:
+    def install_vision(self, requests: list[SignalRequest], store: VisionCaptures, hooks: HookSet) -> None:
         super().install_vision(requests, store, hooks)
         features = any(r.name == "features" for r in requests)
         hooks.method(self.base, "get_video_features", lambda original: self._video_encoder(original, store, features))
 
-    def _packer(self, original, store: dict):
+    def _packer(self, original, store: VisionCaptures):
         pack = super()._packer(original, store)
 
         def run(*args, **kwargs):
-            store.pop("videos", None)  # this call encodes images
+            store.family.pop("videos", None)  # this call encodes images
             return pack(*args, **kwargs)
 
         return run
 
-    def _video_encoder(self, original, store: dict, wants_features: bool):
+    def _video_encoder(self, original, store: VisionCaptures, wants_features: bool):
         """``get_video_features`` that also records each video's frame count and tokens per frame, and (for the
         ``features`` signal) each video's projected, pooled frame tokens."""
 
@@ -76,10 +78,10 @@ class LlavaNextVideoAdapter(PooledVideos, LlavaNextAdapter):
             out = original(pixel_values_videos, *args, **kwargs)
             videos, frames = pixel_values_videos.shape[:2]
             pooled = per_video(out.pooler_output)  # per video (frames * per_frame, D)
-            store.pop("packed", None)
-            store["videos"], store["frame_tokens"] = [frames] * videos, pooled[0].shape[0] // frames
+            store.family.pop("packed", None)
+            store.family["videos"], store.family["frame_tokens"] = [frames] * videos, pooled[0].shape[0] // frames
             if wants_features:
-                store["features"] = [p.detach() for p in pooled]
+                store.features = [p.detach() for p in pooled]
             return out
 
         return encode

@@ -19,11 +19,13 @@ from __future__ import annotations
 import torch
 
 from ..attention import head_mean_attention
+from ..captures import VisionCaptures
 from ..hooks import HookSet
+from ..layout import SampleLayout
+from ..llm_signals import DECODER_SIGNALS
 from ..registry import register_adapter
-from ..schedule import SampleLayout
 from ..signals import SignalRequest
-from .base import DECODER_SIGNALS, Adapter
+from .base import Adapter
 from .llava_next import LlavaNextAdapter
 from .pooled_videos import PooledVideos
 
@@ -49,8 +51,8 @@ class LlavaOnevisionAdapter(PooledVideos, LlavaNextAdapter):
     def visual_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
         return self.images_or_videos(input_ids, inputs_embeds, self.model.config.video_token_id)
 
-    def layouts(self, visual: torch.Tensor, store: dict) -> list:
-        if "videos" not in store:
+    def layouts(self, visual: torch.Tensor, store: VisionCaptures) -> list:
+        if "videos" not in store.family:
             return super().layouts(visual, store)
         out = []
         for layout in Adapter.layouts(self, visual, store):
@@ -72,15 +74,15 @@ class LlavaOnevisionAdapter(PooledVideos, LlavaNextAdapter):
         return out
 
     # --- signals -----------------------------------------------------------------------------------------------
-    def check_vision(self, store: dict, layouts: list, required: set[str]) -> None:
-        if "received_attention" in required and "videos" not in store:
+    def check_vision(self, store: VisionCaptures, layouts: list, required: set[str]) -> None:
+        if "received_attention" in required and "videos" not in store.family:
             raise ValueError(
                 "received_attention (HoliTom's signal) is measured on video frames only; this llava_onevision call "
                 "encodes images: use an image method"
             )
         super().check_vision(store, layouts, required)
 
-    def install_vision(self, requests: list[SignalRequest], store: dict, hooks: HookSet) -> None:
+    def install_vision(self, requests: list[SignalRequest], store: VisionCaptures, hooks: HookSet) -> None:
         super().install_vision(requests, store, hooks)
         features = any(r.name == "features" for r in requests)
         if any(r.name == "received_attention" for r in requests):
@@ -89,7 +91,7 @@ class LlavaOnevisionAdapter(PooledVideos, LlavaNextAdapter):
         hooks.method(self.base, "get_video_features", lambda original: self._video_encoder(original, store, features))
 
     @staticmethod
-    def _receiver(store: dict, chunk: int = 8):
+    def _receiver(store: VisionCaptures, chunk: int = 8):
         """A pre-hook on a SigLIP attention module (which passes no extra arguments to its attention function) that
         recomputes its queries and keys from its input and stores, per encoded image, the attention each token
         receives: softmax over keys, mean over heads and over queries ``(n_img, T)``, ``chunk`` images at a time."""
@@ -103,21 +105,22 @@ class LlavaOnevisionAdapter(PooledVideos, LlavaNextAdapter):
                     query = module.q_proj(x).view(shape).transpose(1, 2)
                     key = module.k_proj(x).view(shape).transpose(1, 2)
                     parts.append(head_mean_attention(query, key, module.scale, None).mean(1))
-            store["vision_received"] = torch.cat(parts)
+            store.family["vision_received"] = torch.cat(parts)
 
         return capture
 
-    def _packer(self, original, store: dict):
+    def _packer(self, original, store: VisionCaptures):
         pack = super()._packer(original, store)
 
         def run(*args, **kwargs):
-            for name in ("videos", "vision_received", "received_attention"):  # this call encodes images
-                store.pop(name, None)
+            store.family.pop("videos", None)  # this call encodes images
+            store.family.pop("vision_received", None)
+            store.drop("received_attention")
             return pack(*args, **kwargs)
 
         return run
 
-    def _video_encoder(self, original, store: dict, wants_features: bool):
+    def _video_encoder(self, original, store: VisionCaptures, wants_features: bool):
         """``get_video_features`` that also records each video's frame count and tokens per frame, and (for the
         ``features`` signal) each video's pooled frame tokens without its newline."""
 
@@ -125,15 +128,15 @@ class LlavaOnevisionAdapter(PooledVideos, LlavaNextAdapter):
             out = original(pixel_values_videos, *args, **kwargs)
             videos, frames = pixel_values_videos.shape[:2]
             pooled = out.pooler_output  # (videos, frames * per_frame + 1, D)
-            store.pop("packed", None)
-            store["videos"], store["frame_tokens"] = [frames] * videos, (pooled.shape[1] - 1) // frames
+            store.family.pop("packed", None)
+            store.family["videos"], store.family["frame_tokens"] = [frames] * videos, (pooled.shape[1] - 1) // frames
             if wants_features:
-                store["features"] = [p[:-1].detach() for p in pooled]
-            received = store.pop("vision_received", None)
+                store.features = [p[:-1].detach() for p in pooled]
+            received = store.family.pop("vision_received", None)
             if received is not None:  # (videos * frames, T): drop what the features drop, pool as they are pooled
                 received = received[:, 1:] if self.strategy == "default" else received
                 received = self.base.apply_pooling(received[..., None]).reshape(videos, -1)
-                store["received_attention"] = list(received)
+                store.received_attention = list(received)
             return out
 
         return encode

@@ -24,10 +24,12 @@ import sys
 import torch
 from torch import nn
 
+from ..captures import VisionCaptures
 from ..hooks import HookSet
+from ..llm_signals import DECODER_SIGNALS
 from ..registry import register_adapter
 from ..signals import SignalRequest
-from .base import DECODER_SIGNALS, Adapter
+from .base import Adapter
 
 SUPPORTED = ("features", "grid", "frames", *DECODER_SIGNALS)
 NO_CLS = ("cls_attention", "vision_hidden", "vision_keys", "vision_qkv")  # read the [CLS] token or its states
@@ -88,16 +90,16 @@ class Qwen2VLAdapter(Adapter):
             "pixel_values and image_grid_thw to the wrapped model so vlprune sees each image's size"
         )
 
-    def image_sizes(self, store: dict) -> list[int] | None:
-        grid = store.get("grid_thw")
+    def image_sizes(self, store: VisionCaptures) -> list[int] | None:
+        grid = store.family.get("grid_thw")
         return None if grid is None else [int(t * h * w) // self.merge**2 for t, h, w in grid.tolist()]
 
-    def grid_of(self, store: dict, image: int, count: int) -> tuple[int, int] | None:
-        _, h, w = store["grid_thw"][image].tolist()
+    def grid_of(self, store: VisionCaptures, image: int, count: int) -> tuple[int, int] | None:
+        _, h, w = store.family["grid_thw"][image].tolist()
         return (h // self.merge, w // self.merge)  # of each temporal patch, for a video
 
-    def frames_of(self, store: dict, image: int) -> int:
-        return int(store["grid_thw"][image][0])  # temporal patches (two frames each)
+    def frames_of(self, store: VisionCaptures, image: int) -> int:
+        return int(store.family["grid_thw"][image][0])  # temporal patches (two frames each)
 
     def decode_positions(self, positions: torch.Tensor) -> torch.Tensor:
         deltas = self.base.rope_deltas  # set by the model's own prefill when it computed the M-RoPE index
@@ -119,16 +121,16 @@ class Qwen2VLAdapter(Adapter):
     def visual_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
         return self.images_or_videos(input_ids, inputs_embeds, self.model.config.video_token_id)
 
-    def install_vision(self, requests: list[SignalRequest], store: dict, hooks: HookSet) -> None:
+    def install_vision(self, requests: list[SignalRequest], store: VisionCaptures, hooks: HookSet) -> None:
         # Every call overwrites: the one vision call before a prefill encoded its images or its videos.
         def sizes(module, args, kwargs):
-            store["grid_thw"] = (kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]).detach().cpu()
+            store.family["grid_thw"] = (kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]).detach().cpu()
 
         hooks.pre(self.visual, sizes)
         if any(r.name == "features" for r in requests):
 
             def features(module, args, kwargs, out):
-                store["features"] = list(out.pooler_output.detach().split(self.image_sizes(store)))
+                store.features = list(out.pooler_output.detach().split(self.image_sizes(store)))
 
             hooks.post(self.visual, features)
         if any(r.name == "received_attention" for r in requests):
@@ -138,13 +140,13 @@ class Qwen2VLAdapter(Adapter):
         """Window order of the tower's merged tokens (Qwen2.5-VL), ``None`` when it keeps raster order."""
         return None
 
-    def _frame_attention(self, store: dict):
+    def _frame_attention(self, store: VisionCaptures):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             cos, sin = kwargs["position_embeddings"]
-            grid = store["grid_thw"]
+            grid = store.family["grid_thw"]
             with torch.no_grad():
-                store["received_attention"] = frame_attention(
+                store.received_attention = frame_attention(
                     module, hidden, cos, sin, grid, self.merge, self.window_index(grid)
                 )
 

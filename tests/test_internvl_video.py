@@ -12,6 +12,7 @@ import torch
 from test_families import check_method, run, supported
 
 import vlprune
+from vlprune.captures import VisionCaptures
 from vlprune.registry import adapter_class
 from vlprune.selectors.holitom import HoliTom
 
@@ -37,7 +38,7 @@ def test_the_described_runs_form_videos(model):
     inputs = FAMILY.inputs(model, MIXED)
     adapter = adapter_class("internvl")(model)
     hint = [[None if isinstance(s, tuple) else s for s in shape[2]] for shape in MIXED]
-    layouts = adapter.layouts(inputs["input_ids"] == IMAGE, {"video_frames": hint})
+    layouts = adapter.layouts(inputs["input_ids"] == IMAGE, VisionCaptures(video_frames=hint))
     first = 0
     for b, (layout, shape) in enumerate(zip(layouts, MIXED, strict=True)):
         ids = inputs["input_ids"][b]
@@ -54,7 +55,7 @@ def test_the_described_runs_form_videos(model):
         assert layout.images == list(range(first, first + len(tokens)))
         first += len(tokens)
     # without a description every run is an image of its own
-    plain = adapter.layouts(inputs["input_ids"] == IMAGE, {})
+    plain = adapter.layouts(inputs["input_ids"] == IMAGE, VisionCaptures())
     assert plain[0].frames == [1] * 4 and plain[0].video_of is None
 
 

@@ -1,7 +1,8 @@
 """The import direction between vlprune's layers, read from the source: the pruning core never imports the
 application built on it (``vlprune.app``: the shapes task and its embedded model, loading and comparing models,
 overlays, the bench, the demo), the application never imports what sits on top of it (the command line, the
-lmms-eval model), and no method's module imports another method's."""
+lmms-eval model), no method's module imports another method's, and no module imports itself through others (no
+cycle). The core's files and functions stay small enough to read at once."""
 
 from __future__ import annotations
 
@@ -31,9 +32,12 @@ def modules() -> dict[str, Path]:
     return found
 
 
+KNOWN = set(modules())
+
+
 def imports(name: str, path: Path) -> set[str]:
-    """Every vlprune module ``name`` imports, at module level or inside a function (``from . import x`` counts as
-    importing ``x``)."""
+    """Every vlprune module ``name`` imports, at module level, inside a function or for type checking only
+    (``from . import x`` counts as importing the module ``x``; ``from .x import name``, the module ``x``)."""
     package = name if path.stem == "__init__" else name.rpartition(".")[0]
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -45,8 +49,8 @@ def imports(name: str, path: Path) -> set[str]:
                 parts = package.split(".")
                 parent = ".".join(parts[: len(parts) - node.level + 1])
                 base = f"{parent}.{base}" if base else parent
-            out.add(base)
-            out |= {f"{base}.{alias.name}" for alias in node.names}
+            for alias in node.names:  # ``from package import module`` imports the module, else the package
+                out.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in KNOWN else base)
     return {m for m in out if m == "vlprune" or m.startswith("vlprune.")}
 
 
@@ -110,3 +114,103 @@ def test_one_description_per_signal():
     assert all(signals.ATTENTION[name] == "text_config" for name in signals.SCORED)  # scored in the decoder
     for model in vlprune.list_models():
         assert set(adapter_class(model).signals) <= set(names), model
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_cycles_are_found():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set(), "c": {"b"}}) == []
+
+
+def test_no_modules_import_each_other():
+    """No cycle among vlprune's modules, through any chain of imports (the parent package a submodule's import
+    loads is not counted: ``vlprune/__init__`` imports the API it exports)."""
+    found = modules()
+    graph = {name: {m for m in imports(name, path) if m in found and m != name} for name, path in found.items()}
+    assert "vlprune.schedule" in graph["vlprune.api"]
+    assert cycles(graph) == []
+
+
+def core_sources() -> dict[str, Path]:
+    return {name: path for name, path in modules().items() if not inside(name, APPLICATION)}
+
+
+def body_lines(node: ast.AST) -> int:
+    """A function's lines, its docstring left out."""
+    body = node.body
+    first = (
+        body[1]
+        if len(body) > 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+        else body[0]
+    )
+    return node.end_lineno - first.lineno + 1
+
+
+def test_the_core_reads_at_once():
+    """No core file over ~400 lines, no core function over 60 (docstrings aside)."""
+    long_files, long_functions = {}, {}
+    for name, path in core_sources().items():
+        source = path.read_text()
+        if len(source.splitlines()) > 410:
+            long_files[name] = len(source.splitlines())
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and body_lines(node) > 60:
+                long_functions[f"{name}.{node.name}"] = body_lines(node)
+    assert long_files == {} and long_functions == {}
+
+
+def test_every_decoder_side_signal_has_one_producer():
+    """A signal captured in the language model is produced by the core (vlprune.llm_signals), scored in a decoder
+    layer's attention exactly when its description says so; the adapters offer exactly those."""
+    from vlprune import llm_signals, signals
+
+    decoder = {s.name for s in signals.DESCRIPTIONS if s.captured == "llm"}
+    assert set(llm_signals.DECODER_SIGNALS) == decoder
+    assert set(llm_signals.SCORED_BY) == set(signals.SCORED)
+    assert set(llm_signals.AT_STAGE).isdisjoint(llm_signals.SCORED_BY)
+    assert set(llm_signals.FILL) <= decoder and set(llm_signals.ALIGN) <= decoder
+
+
+def test_a_selectors_name_is_its_files_stem():
+    import vlprune
+    from vlprune.registry import selector_class
+
+    for method in vlprune.list_methods():
+        assert selector_class(method).__module__ == f"vlprune.selectors.{method}", method

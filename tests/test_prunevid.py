@@ -14,8 +14,8 @@ from test_holitom import dpc_centres
 
 import vlprune
 from vlprune import hf
+from vlprune.layout import SampleLayout, frame_spans
 from vlprune.plan import KeepPlan
-from vlprune.schedule import SampleLayout, frame_spans
 from vlprune.selectors.prunevid import PruneVid, prunevid_segments
 from vlprune.signals import TokenView
 from vlprune.temporal import label_segments, refine_runs

@@ -140,7 +140,11 @@ def test_divprune_picks_one_token_per_cluster():
 
 
 def test_a_stage_sees_only_the_signals_it_requested():
-    from vlprune.schedule import SampleLayout, StageInputs, decide, resolve
+    from vlprune.captures import VisionCaptures
+    from vlprune.layout import SampleLayout
+    from vlprune.resolve import resolve
+    from vlprune.schedule import decide
+    from vlprune.views import StageInputs
 
     config = vlprune.PruneConfig([vlprune.Stage("fastv", keep=2, layer=2), vlprune.Stage("fastv", keep=1, layer=4)])
 
@@ -154,7 +158,7 @@ def test_a_stage_sees_only_the_signals_it_requested():
     layout = SampleLayout(torch.tensor([1, 2, 3, 4]), torch.zeros(4, dtype=torch.long), torch.arange(4), [0], [None])
     rows = torch.arange(6)[None]
     llm = {1: torch.tensor([[0.0, 9, 8, 0, 0, 0]]), 3: torch.tensor([[0.0, 0, 0, 7, 9, 0]])}
-    inputs = StageInputs(rows=rows, vision={}, llm=llm)
+    inputs = StageInputs(rows=rows, vision=VisionCaptures(), llm={"llm_attention": llm})
     assert decide(first, inputs, [layout])[2].keep_visual[0].tolist() == [0, 1]  # layer 1's scores
     assert decide(second, inputs, [layout])[2].keep_visual[0].tolist() == [3]  # layer 3's scores
 

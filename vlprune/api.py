@@ -17,56 +17,33 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import compaction, hf
-from .attention import ensure_registered, last_query_attention, repeated_keys, text_attention
+from . import compaction, hf, llm_signals
+from .attention import switch_to_scoring
+from .captures import VisionCaptures
 from .config import PruneConfig, build_config
 from .decode_cache import CacheRestriction
 from .decoding import Decoding
 from .guards import CallGuards
 from .hints import CallerHints
 from .hooks import HookSet
+from .layout import frame_spans
+from .llm_signals import AtStage
 from .plan import KeepPlan
 from .registry import adapter_class
-from .schedule import ResolvedStage, StageInputs, decide, decide_vision, frame_spans, resolve
-from .signals import SCORED, VISION
+from .resolve import ResolvedStage, resolve
+from .schedule import decide, decide_vision
+from .signals import VISION
+from .state import Call, Session
 from .tower import TowerStage
+from .views import StageInputs, stage_inputs
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _Call:
-    """State of one forward call of the wrapped model."""
-
-    prefill: bool
-    attention_mask: torch.Tensor | None
-    cache: Any
-    visual: torch.Tensor | None = None  # (B, L) placeholder mask; layouts are derived on first use
-    layouts: list | None = None
-    segment: compaction.Segment | None = None
-    llm: dict[str, dict] = field(default_factory=dict)  # signal -> {layer: (slot rows then, value)}
-    embeddings: torch.Tensor | None = None
-    masks: dict = field(default_factory=dict)  # decode: (segment id, layer kind) -> mask
-    positions: dict = field(default_factory=dict)  # decode, renumbered: segment id -> (position_ids, cos, sin)
-    cache_key_mask: torch.Tensor | None = None  # decode, cache stage: (B, Lk) mask of the scored layer
-    cache_scores: torch.Tensor | None = None  # decode, cache stage: (B, Lk) the new token's attention there
-    cache_keep: torch.Tensor | None = None  # decode, cache stage: (B, Lk) entries the later layers attend to
-
-
-@dataclass
-class _Session:
-    """What decoding after a pruned prefill needs: the segment each decoder layer saw."""
-
-    full_length: int
-    layer_segment: dict[int, compaction.Segment]
-    cache_back: int = 0  # a stage at this layer drops its tokens from the earlier layers' cache after the prefill
 
 
 class Pruned(Decoding, CallerHints, CallGuards):
@@ -101,9 +78,9 @@ class Pruned(Decoding, CallerHints, CallGuards):
         self._hooks = HookSet()
         self._thread: int | None = None  # the thread whose call is running (see _claim)
         self._saved_attention: dict[str, str] = {}
-        self._vision: dict = {}
-        self._call: _Call | None = None
-        self._session: _Session | None = None
+        self._vision = VisionCaptures()
+        self._call: Call | None = None
+        self._session: Session | None = None
         self._query: tuple[list, list | None] | None = None
         self._videos: list[list[int | None]] | None = None
         self._active = False
@@ -117,12 +94,7 @@ class Pruned(Decoding, CallerHints, CallGuards):
         keys = adapter.scoring_configs(requests)
         if self._cache is not None and "text_config" not in keys:
             keys.append("text_config")
-        for key in keys:
-            current = getattr(self.model.config, key)._attn_implementation
-            wrapped = ensure_registered(current)
-            if wrapped != current:
-                self._saved_attention[key] = current
-                self.model.set_attn_implementation({key: wrapped})
+        self._saved_attention.update(switch_to_scoring(self.model, keys))
         self._hooks.pre(adapter.entry, self._on_entry)
         self._hooks.post(adapter.entry, self._on_entry_done)
         self._hooks.post(adapter.entry, self._on_exit, always=True)
@@ -134,11 +106,7 @@ class Pruned(Decoding, CallerHints, CallGuards):
         adapter.install_vision(requests, self._vision, self._hooks)
         if first.selector.space == "vision" and not first.selector.tower:
             adapter.install_projector_stage(self._hooks, self._vision_stage)
-        scored: dict[int, set[str]] = {}
-        for r in requests:
-            if r.name in SCORED:
-                scored.setdefault(r.layer, set()).add(r.name)
-        for layer, names in sorted(scored.items()):
+        for layer, names in sorted(llm_signals.scored_layers(requests).items()):
             adapter.inject_scorer(
                 self._hooks, adapter.attention_module(layer), self._llm_scorer(layer, names), lambda: self._in_prefill
             )
@@ -198,41 +166,19 @@ class Pruned(Decoding, CallerHints, CallGuards):
             return None
         if hf.is_prefill(kwargs):
             self._check_padding(mask)
-            batch = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[0]
-            if self._videos is not None and len(self._videos) != batch:
-                raise ValueError(
-                    f"set_videos described {len(self._videos)} sample(s) but this call has {batch}; call set_videos "
-                    "with one entry per sample"
-                )
+            self._check_videos((input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[0])
             self.plans = []
             self._session = None
             if self._cache is not None:
                 self._cache.start((input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1])
             visual = self.adapter.visual_mask(input_ids, kwargs.get("inputs_embeds"))
-            self._vision.pop("video_frames", None)  # a failed call may have left its own
-            if self._videos is not None:
-                self._vision["video_frames"] = self._videos
-            self._call = _Call(True, mask, cache, visual=visual)
+            self._vision.video_frames = self._videos  # (a failed call may have left its own)
+            self._call = Call(True, mask, cache, visual=visual)
             return None
         self._vision.clear()
         self._check_no_new_images(kwargs)
-        self._call = _Call(False, mask, cache)
-        session = self._session
-        first = session.layer_segment.get(0) if session else None
-        if first is None:
-            return None
-        # Layer 0 saw only the kept tokens: its cache is shorter than the input. Give the language model a 2-D mask
-        # and (when the caller gave none) the positions it would have had without pruning.
-        q = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
-        seen = hf.cache_length(cache) - first.length  # tokens decoded so far
-        if mask is not None and mask.shape[-1] != session.full_length + seen + q:
-            self._call = None
-            self._refuse_continuation(q, session.full_length + seen, mask.shape[-1])
-        if kwargs.get("position_ids") is None:
-            positions = session.full_length + seen + torch.arange(q, device=first.rows.device)
-            kwargs["position_ids"] = self.adapter.decode_positions(positions[None].expand(first.rows.shape[0], q))
-        kwargs["attention_mask"] = self._decode_mask2d(first, seen + q)
-        return args, kwargs
+        self._call = Call(False, mask, cache)
+        return self._decode_entry(input_ids, args, kwargs)
 
     def _on_entry_done(self, module, args, kwargs, output):
         session = self._session
@@ -273,66 +219,29 @@ class Pruned(Decoding, CallerHints, CallGuards):
     def _llm_scorer(self, layer: int, names: set[str]):
         def scorer(module, query, key, value, kwargs):
             call = self._call
-            query, key = query.detach(), key.detach()
             key_mask = call.segment.mask if call.segment is not None else call.attention_mask
-            if key_mask is not None:
-                key_mask = key_mask.to(device=key.device, dtype=torch.bool)
             rows = self._slot_rows(key.shape[2], key.device)
             scaling = kwargs.get("scaling")
-            if "llm_attention" in names:
-                call.llm.setdefault("llm_attention", {})[layer] = (
-                    rows,
-                    last_query_attention(query, key, scaling, key_mask),
-                )
-            if "llm_keys" in names:
-                call.llm.setdefault("llm_keys", {})[layer] = (rows, repeated_keys(query, key))
-            if "text_attention" in names:
-                call.llm.setdefault("text_attention", {})[layer] = (
-                    rows,
-                    text_attention(query, key, scaling, key_mask, rows, self._layouts()),
-                )
+            llm_signals.score(call.llm, layer, names, query, key, value, scaling, key_mask, rows, self._layouts)
 
         return scorer
 
     def _stage_inputs(self, stage: ResolvedStage, layer: int, hidden: torch.Tensor) -> StageInputs:
         call = self._call
-        rows = call.segment.rows
-        mask = call.attention_mask
-        pads = (mask == 0).sum(1) if mask is not None and mask.dim() == 2 else None  # left padding, no sync
-        inputs = StageInputs(rows=rows, vision=self._vision, embeddings=call.embeddings, pads=pads)
-        wanted = {(r.name, r.layer) for r in stage.requests}
-        for name, per_layer in call.llm.items():
-            for key, (old_rows, value) in per_layer.items():
-                if (name, key) not in wanted:
-                    continue
-                if name == "text_attention":
-                    inputs.text_attention[key] = [  # (t, L) per sample: its slots are the columns
-                        (queries, *(compaction.align(s.T[None], old_rows[b : b + 1], rows[b : b + 1])[0].T for s in v))
-                        for b, (queries, *v) in enumerate(value)
-                    ]
-                else:
-                    target = inputs.llm if name == "llm_attention" else inputs.keys
-                    target[key] = compaction.align(value, old_rows, rows)
-        names = {name for name, _ in wanted}
+        at_stage = AtStage(layer, hidden, call.segment, self.adapter, call.embeddings)
+        inputs = stage_inputs(stage.requests, self._vision, call.llm, at_stage, call.attention_mask)
+        names = {r.name for r in stage.requests}
         if "frames" in names:
             inputs.spans = frame_spans(self.plans, self._layouts())
         if "query" in names:
-            inputs.query = self._query_for(rows.shape[0])
-        if "hidden" in names:
-            inputs.hidden = hidden
-        if "normed_hidden" in names:
-            inputs.normed = self.adapter.final_norm(hidden)
-        if "incoming_attention" in names:
-            segment = call.segment
-            query, key, scaling = self.adapter.query_key(layer, hidden, segment.cos, segment.sin)
-            inputs.incoming = last_query_attention(query, key, scaling, segment.mask.to(key.device))
+            inputs.query = self._query_for(inputs.rows.shape[0])
         return inputs
 
     def _vision_stage(self, x: torch.Tensor) -> torch.Tensor:
         """Projector pre-hook of a vision-space first stage (see :func:`vlprune.schedule.decide_vision`). It runs
         on every projector call: ``generate`` encodes the images before the first forward (``mm_encoder_outputs``)."""
         start = _clock(x.device)
-        out, self._vision["decided"] = decide_vision(self._stages[min(self._stages)], x, self._vision, self.adapter)
+        out, self._vision.decided = decide_vision(self._stages[min(self._stages)], x, self._vision, self.adapter)
         self.selector_seconds += _clock(x.device) - start
         return out
 
@@ -379,7 +288,7 @@ class Pruned(Decoding, CallerHints, CallGuards):
         if all(int(k.numel()) == call.segment.length for k in keep_slots) and not any(m is not None for m in merges):
             return hidden
         if self._session is None:
-            self._session = _Session(call.segment.length, {})
+            self._session = Session(call.segment.length, {})
         call.segment, hidden = compaction.compact(
             call.segment, hidden, keep_slots, self._renumber, self.adapter.rotary, merges
         )

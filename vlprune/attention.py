@@ -67,6 +67,19 @@ def ensure_registered(base: str) -> str:
     return name
 
 
+def switch_to_scoring(model, keys: list[str]) -> dict[str, str]:
+    """Run the attention of each sub-config in ``keys`` (``"text_config"``, ``"vision_config"``) through its scoring
+    wrapper; returns ``{key: the implementation it had}`` for those switched, to restore on unwrap."""
+    saved = {}
+    for key in keys:
+        current = getattr(model.config, key)._attn_implementation
+        wrapped = ensure_registered(current)
+        if wrapped != current:
+            saved[key] = current
+            model.set_attn_implementation({key: wrapped})
+    return saved
+
+
 def head_probabilities(query: torch.Tensor, key: torch.Tensor, scaling: float | None, key_mask) -> torch.Tensor:
     """Softmax attention of the given query rows over all keys, per head: ``(B, Hkv, g, Lq, Lk)``.
 
@@ -108,7 +121,7 @@ def repeated_keys(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 def text_attention(query, key, scaling, key_mask, rows: torch.Tensor, layouts) -> list:
     """Per sample: the input rows of its text tokens after its first visual token, and their attention over all keys
     ``(t, L)``, as the mean and as the maximum over heads. ``rows`` (B, L) are the input rows of the current slots;
-    ``layouts`` the samples' :class:`~vlprune.schedule.SampleLayout`."""
+    ``layouts`` the samples' :class:`~vlprune.layout.SampleLayout`."""
     out = []
     for b, layout in enumerate(layouts):
         row = rows[b].cpu()

@@ -11,22 +11,43 @@ import torch
 
 from . import compaction, hf
 from .attention import last_query_attention
+from .guards import refuse_continuation
 
 if TYPE_CHECKING:
-    from .api import _Call, _Session
     from .decode_cache import CacheRestriction
     from .model_adapters import Adapter
+    from .state import Call, Session
 
 
 class Decoding:
     """The decoding half of :class:`vlprune.api.Pruned` (see the module docstring)."""
 
     # the per-call state it reads, set by Pruned
-    _call: _Call | None
-    _session: _Session | None
+    _call: Call | None
+    _session: Session | None
     _cache: CacheRestriction | None
     adapter: Adapter
     _renumber: bool
+
+    def _decode_entry(self, input_ids, args, kwargs):
+        """The entry pre-hook of a decoding step after a pruned prefill. Layer 0 saw only the kept tokens, so its
+        cache is shorter than the input: give the language model a 2-D mask and (when the caller gave none) the
+        positions it would have had without pruning."""
+        session, call = self._session, self._call
+        first = session.layer_segment.get(0) if session else None
+        if first is None:
+            return None
+        q = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
+        seen = hf.cache_length(call.cache) - first.length  # tokens decoded so far
+        mask = call.attention_mask
+        if mask is not None and mask.shape[-1] != session.full_length + seen + q:
+            self._call = None
+            refuse_continuation(q, session.full_length + seen, mask.shape[-1])
+        if kwargs.get("position_ids") is None:
+            positions = session.full_length + seen + torch.arange(q, device=first.rows.device)
+            kwargs["position_ids"] = self.adapter.decode_positions(positions[None].expand(first.rows.shape[0], q))
+        kwargs["attention_mask"] = self._decode_mask2d(first, seen + q)
+        return args, kwargs
 
     def _compact_earlier_cache(self, cache) -> None:
         """After a prefill whose stage at ``cache_back`` asks for it: the layers before it keep in their cache only

@@ -75,19 +75,20 @@ class CallGuards:
                 "whole conversation, without past_key_values"
             )
 
-    @staticmethod
-    def _refuse_continuation(fed: int, stands_for: int, covered: int) -> None:
-        raise ValueError(
-            f"this call feeds {fed} token(s) after a pruned cache that stands for {stands_for} tokens, but its "
-            f"attention_mask covers {covered}: after a pruned prefill a call must feed only the new tokens. "
-            "transformers' generate cannot tell them apart when handed a pruned past_key_values (the cache is "
-            "shorter than the conversation): generate a later turn from the whole conversation without "
-            "past_key_values, and vlprune prunes it again"
-        )
-
 
 def _holds(value) -> bool:
     """Whether a call's visual input holds anything (``generate`` passes an empty ``mm_encoder_outputs`` dict)."""
     if isinstance(value, dict):
         return any(v is not None for v in value.values())
     return value is not None
+
+
+def refuse_continuation(fed: int, stands_for: int, covered: int) -> None:
+    """A decoding call after a pruned prefill that re-feeds earlier tokens: a clear error."""
+    raise ValueError(
+        f"this call feeds {fed} token(s) after a pruned cache that stands for {stands_for} tokens, but its "
+        f"attention_mask covers {covered}: after a pruned prefill a call must feed only the new tokens. "
+        "transformers' generate cannot tell them apart when handed a pruned past_key_values (the cache is "
+        "shorter than the conversation): generate a later turn from the whole conversation without "
+        "past_key_values, and vlprune prunes it again"
+    )

@@ -55,6 +55,14 @@ class CallerHints:
                 )
         self._videos = [list(sample) for sample in frames]
 
+    def _check_videos(self, batch: int) -> None:
+        """At a prefill of ``batch`` samples: ``set_videos`` must have described as many."""
+        if self._videos is not None and len(self._videos) != batch:
+            raise ValueError(
+                f"set_videos described {len(self._videos)} sample(s) but this call has {batch}; call set_videos "
+                "with one entry per sample"
+            )
+
     def _query_for(self, batch: int):
         if self._query is None:
             return None

@@ -103,6 +103,7 @@ LAYERED = tuple(s.name for s in DESCRIPTIONS if s.layered)
 VISION = tuple(s.name for s in DESCRIPTIONS if s.captured == "vision")  # captured in the vision forward
 TOKENWISE = tuple(s.name for s in DESCRIPTIONS if s.text)  # also given for the text after the image
 PER_TOKEN = tuple(s.name for s in DESCRIPTIONS if s.per_token)  # one row per candidate
+VISION_LAYERED = tuple(s.name for s in DESCRIPTIONS if s.layered and s.captured == "vision")  # {layer: (n,)}
 SCORED = tuple(s.name for s in DESCRIPTIONS if s.attention == "text_config")  # computed inside a decoder layer
 ATTENTION = {s.name: s.attention for s in DESCRIPTIONS if s.attention}  # signal -> sub-config of its scoring attention
 
@@ -187,3 +188,18 @@ class TokenView:
     @property
     def n(self) -> int:
         return int(self.index.numel())
+
+    def subset(self, rows: torch.Tensor) -> TokenView:
+        """The candidates ``rows`` (ascending positions in this view) as a view of their own, on this view's grid:
+        every per-token signal and every layered vision signal sliced to them, the [CLS] values and the projector
+        shared (what a method choosing within each frame of a video reads)."""
+        sub = TokenView(index=torch.arange(rows.numel()), grid=self.grid, image=self.image)
+        for name in PER_TOKEN:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(sub, name, value[rows.to(value.device)])
+        for name in VISION_LAYERED:
+            setattr(sub, name, {k: v[rows.to(v.device)] for k, v in getattr(self, name).items()})
+        sub.all_features = sub.features
+        sub.cls_hidden, sub.cls_key, sub.project = self.cls_hidden, self.cls_key, self.project
+        return sub

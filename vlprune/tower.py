@@ -10,7 +10,7 @@ How a vision forward runs under a tower stage (the adapter installs the hooks, s
    images' counts differ. After the last pruning layer every image has exactly the budget: no padding.
 4. A post-hook on the projector spreads its ``(n_img, keep, D)`` output back over ``N`` rows (zeros at the dropped
    patches) so the model's own scatter into the placeholders sees the count it expects, and records each image's
-   kept patches under ``store["decided"]``; decoder layer 0 then removes the dropped placeholders.
+   kept patches as ``store.decided``; decoder layer 0 then removes the dropped placeholders.
 
 Nothing is changed on the modules: removing the hooks undoes everything.
 """
@@ -24,9 +24,9 @@ from .selectors.base import Selection
 
 class TowerStage:
     """Per-forward state of a tower stage. ``feature_layer``: the encoder layer whose output the model takes as its
-    image features; ``store``: the wrap's vision store (``"decided"`` is written there)."""
+    image features; ``store``: the wrap's :class:`~vlprune.captures.VisionCaptures` (``decided`` is written there)."""
 
-    def __init__(self, stage, feature_layer: int, store: dict) -> None:
+    def __init__(self, stage, feature_layer: int, store) -> None:
         self.selector = stage.selector
         self.stage = stage.stage
         self.feature_layer = feature_layer
@@ -90,7 +90,7 @@ class TowerStage:
         if self.kept is None:
             return features
         kept, self.kept, self.state = self.kept, None, {}
-        self.store["decided"] = [Selection.pruned(k) for k in kept]
+        self.store.decided = [Selection.pruned(k) for k in kept]
         if features.shape[1] == self.patches:
             return features
         if features.shape[1] != self.target:

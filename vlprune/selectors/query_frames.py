@@ -32,11 +32,9 @@ import numpy as np
 import torch
 
 from ..registry import create_selector, register_selector
-from ..signals import DESCRIPTIONS, PER_TOKEN, SignalRequest, TokenView
+from ..signals import SignalRequest, TokenView
 from .base import Selection, Selector, check_params, top_k, whole_video
 from .shared import largest_remainder
-
-PER_LAYER = tuple(s.name for s in DESCRIPTIONS if s.layered and s.captured == "vision")  # {layer: (n,)}
 
 
 def load_clip(name: str, pretrained: str | None):
@@ -94,21 +92,6 @@ def then_methods() -> list[str]:
     return [
         m for m in list_methods("image") if selector_class(m).default_layer == 0 and selector_class(m).space == "llm"
     ]
-
-
-def frame_view(view: TokenView, rows: torch.Tensor) -> TokenView:
-    """The view of one frame: ``rows`` (a frame's token slots, ascending) of ``view``'s token-wise signals, as an
-    image of ``view.grid``."""
-    sub = TokenView(index=torch.arange(rows.numel()), grid=view.grid, image=view.image)
-    for name in PER_TOKEN:
-        value = getattr(view, name)
-        if value is not None:
-            setattr(sub, name, value[rows.to(value.device)])
-    for name in PER_LAYER:
-        setattr(sub, name, {k: v[rows.to(v.device)] for k, v in getattr(view, name).items()})
-    sub.all_features = sub.features
-    sub.cls_hidden, sub.cls_key, sub.project = view.cls_hidden, view.cls_key, view.project
-    return sub
 
 
 @register_selector("query_frames")
@@ -196,7 +179,7 @@ class QueryFrames(Selector):
             if budget == 0:
                 continue
             rows = torch.arange(f * per_frame, (f + 1) * per_frame)
-            chosen = self._inner.select(frame_view(view, rows), budget)
+            chosen = self._inner.select(view.subset(rows), budget)
             if not isinstance(chosen, Selection):
                 chosen = Selection.pruned(chosen)
             offset = len(keep)
