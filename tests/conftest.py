@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import tiny_llava  # noqa: E402
+from tiny import register_tiny_clip, tiny_llava  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -24,3 +24,9 @@ def llava():
 @pytest.fixture(scope="session")
 def llava_eager():
     return tiny_llava("eager")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """open_clip knows the tiny CLIP of ``tiny.TINY_CLIP`` (its random weights come from the test's seed)."""
+    register_tiny_clip(tmp_path_factory.mktemp("clip"))

@@ -13,6 +13,7 @@ from vlprune.support import missing_signals, support
 from families import FAMILIES, VIDEO_FAMILIES
 from reference import deepstack_of, embed, greedy, layer_loop, merges_of, original_positions, state
 from test_methods import TINY_PARAMS
+from tiny import TINY_CLIP, random_frames
 
 NEW = [name for name in FAMILIES if name != "llava"]
 SHAPES = {
@@ -120,6 +121,40 @@ def test_every_method_on_qwen_videos(video_case, method, budget):
         assert state(model) == before
         return
     check_method(family, model, method, budget, video_shapes(family))
+
+
+def reads_the_query(method: str) -> bool:
+    """Whether ``method`` reads the caller's question and decoded frames (given here with ``tiny.TINY_CLIP``)."""
+    return any(r.name == "query" for r in create_selector(method).requests(0, 4))
+
+
+def caller_query(family, shapes):
+    """``prepare(pruned, samples)`` for :func:`check_method`: a question and each video's decoded frames (random
+    pixels, two frames per temporal patch) for those samples."""
+    videos = [
+        [random_frames(2 * family.frames(size)[0], seed=b + i) for i, size in enumerate(s[2])]
+        for b, s in enumerate(shapes)
+    ]
+
+    def prepare(pruned, samples):
+        pruned.set_query([f"what moves in video {b} ?" for b in samples], videos=[videos[b] for b in samples])
+
+    return prepare
+
+
+@pytest.mark.parametrize("method", vlprune.list_methods("video"))
+@pytest.mark.parametrize("budget", [{"ratio": 0.5}, {"ratio": 0.75}], ids=["ratio0.5", "ratio0.75"])
+def test_every_video_method_on_every_video_family(video_case, method, budget, tiny_clip, monkeypatch):
+    """Every video method at its defaults on the videos of every family that takes them (InternVL's, whose frames the
+    caller names, in test_internvl_video.py): exact count per video, text intact, reference equality, generate()
+    against a manual greedy loop, batch equal to single; on a family without its signals, the documented error."""
+    family, model = video_case
+    shapes = video_shapes(family, DYCOKE_SHAPES)
+    prepare = None
+    if reads_the_query(method):
+        monkeypatch.setitem(TINY_PARAMS, method, {**TINY_PARAMS.get(method, {}), **TINY_CLIP})
+        prepare = caller_query(family, shapes)
+    check_method(family, model, method, budget, shapes, prepare=prepare)
 
 
 def test_every_supported_method_is_the_identity_at_keep_all_on_videos(video_case):

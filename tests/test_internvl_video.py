@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from test_families import check_method, run, supported
+from test_families import caller_query, check_method, reads_the_query, run, supported
 
 import vlprune
 from vlprune.captures import VisionCaptures
@@ -19,6 +19,7 @@ from vlprune.selectors.holitom import HoliTom
 from families import IMAGE, InternVLVideo
 from reference import seen_views, state
 from test_methods import TINY_PARAMS
+from tiny import TINY_CLIP
 
 FAMILY = InternVLVideo()
 VIDEOS = ((3, 2, (4,)), (1, 3, (3, 2)), (5, 1, (2,)))  # frames per video
@@ -82,17 +83,17 @@ def test_received_attention_is_the_feature_layers_received_attention_summed_per_
 @pytest.mark.parametrize(
     ("method", "budget"),
     [
-        ("dycoke", {"ratio": 0.75}),
-        ("prunevid", {"ratio": 0.5}),
+        *((m, {"ratio": r}) for m in vlprune.list_methods("video") for r in (0.5, 0.75)),
         ("holitom", {"keep": 5}),
-        ("fastvid", {"ratio": 0.5}),
         ("holitom-inner", {"ratio": 0.5, "layer": 2}),
         ("prunevid-inner", {"ratio": 0.5, "layer": 2}),
     ],
 )
-def test_every_video_method_under_the_core_invariants(model, method, budget):
-    """Reference equality, ``generate()`` against a manual greedy loop, batch equal to single, on videos of two to
-    four frames (two videos in one prompt included)."""
+def test_every_video_method_under_the_core_invariants(model, method, budget, tiny_clip, monkeypatch):
+    """Every video method (its defaults at two ratios, and the stages inside the LLM alone): reference equality,
+    ``generate()`` against a manual greedy loop, batch equal to single, on videos of two to four frames (two videos
+    in one prompt included); the frames named by the caller (``set_videos``), and the question too for a method
+    reading it."""
     name = method.split("-")[0]
     count = None
     if method.endswith("inner"):  # the stages inside the LLM keep half of each video, rounded half up
@@ -102,7 +103,16 @@ def test_every_video_method_under_the_core_invariants(model, method, budget):
             return math.floor(0.5 * frames * n + 0.5)
 
     back = 2 if method == "prunevid-inner" else None
-    check_method(FAMILY, model, name, budget, VIDEOS, count=count, back=back, prepare=FAMILY.hint(VIDEOS))
+    prepare = FAMILY.hint(VIDEOS)
+    if reads_the_query(name):
+        monkeypatch.setitem(TINY_PARAMS, name, {**TINY_PARAMS.get(name, {}), **TINY_CLIP})
+        query = caller_query(FAMILY, VIDEOS)
+
+        def prepare(pruned, samples, hint=prepare):
+            hint(pruned, samples)
+            query(pruned, samples)
+
+    check_method(FAMILY, model, name, budget, VIDEOS, count=count, back=back, prepare=prepare)
 
 
 @pytest.mark.parametrize("method", vlprune.list_methods("image"))

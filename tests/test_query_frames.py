@@ -1,13 +1,9 @@
 """query_frames on a tiny random CLIP built with open_clip: its relevance against open_clip's own encoders, the budget
-split and the choice within frames by hand, the ``then`` composition, the core invariants on LLaVA-OneVision and
-Qwen2.5-VL videos with the caller's query, and its errors."""
+split and the choice within frames by hand, the ``then`` composition, a [CLS] method within InternVL's frames, and
+its errors (the core invariants on every video family: the registry's matrix in test_families.py)."""
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
-import open_clip
 import pytest
 import torch
 from test_families import DYCOKE_SHAPES, check_method, run, video_shapes
@@ -18,32 +14,15 @@ from vlprune.signals import TokenView
 
 from families import VIDEO_FAMILIES, InternVLVideo
 from test_methods import TINY_PARAMS
+from tiny import TINY_CLIP, random_frames
 
-CLIP = {"clip": "vlprune-tiny-clip", "pretrained": None}
 QUESTION = "what is the red square doing ?"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_clip(tmp_path_factory):
-    """A 32 px CLIP of 2 + 2 layers (8 px patches: a 4 x 4 grid), registered with open_clip by name."""
-    folder = tmp_path_factory.mktemp("clip")
-    config = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-    }
-    (folder / "vlprune-tiny-clip.json").write_text(json.dumps(config))
-    open_clip.add_model_config(folder)
-    torch.manual_seed(0)  # open_clip initialises the random weights from the global generator
-
-
-def frames_of(count: int, seed: int = 0, side: int = 48) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(count, side, side, 3), dtype=np.uint8)
+pytestmark = pytest.mark.usefixtures("tiny_clip")
 
 
 def test_relevance_matches_open_clips_encoders():
     model, tokenizer, mean, std, size = load_clip("vlprune-tiny-clip", None)
-    frames = frames_of(3)
+    frames = random_frames(3)
     frame, patch = clip_relevance(model, tokenizer, mean, std, size, QUESTION, frames)
     pixels = torch.nn.functional.interpolate(
         torch.as_tensor(frames).permute(0, 3, 1, 2).float() / 255, size=(size, size), mode="bilinear"
@@ -73,13 +52,13 @@ def view_of(frames: int, seed: int = 1) -> TokenView:
     view = TokenView(index=torch.arange(frames * 9), grid=(3, 3), image=0, frames=frames)
     view.features = torch.randn(frames * 9, 8, generator=g)
     view.cls_attention = {None: torch.rand(frames * 9, generator=g)}
-    view.question, view.raw_frames = QUESTION, frames_of(2 * frames, seed)
+    view.question, view.raw_frames = QUESTION, random_frames(2 * frames, seed)
     return view
 
 
 def test_alone_keeps_the_most_relevant_patches_of_each_frames_budget():
     view = view_of(4)
-    selector = QueryFrames(**CLIP)
+    selector = QueryFrames(**TINY_CLIP)
     kept = selector.select(view, 12)
     model, tokenizer, mean, std, size = load_clip("vlprune-tiny-clip", None)
     selector_model = selector._loaded[0]
@@ -99,7 +78,7 @@ def test_alone_keeps_the_most_relevant_patches_of_each_frames_budget():
 @pytest.mark.parametrize("then", ["divprune", "pool", "uniform", "fastervlm"])
 def test_then_an_image_method_chooses_within_each_frame(then):
     view = view_of(4)
-    selector = QueryFrames(then=then, **CLIP)
+    selector = QueryFrames(then=then, **TINY_CLIP)
     chosen = selector.select(view, 12)
     frame, _ = selector.relevance(view)
     budgets = frame_budgets(frame, 12, 9, 0.1)
@@ -123,20 +102,6 @@ def video_case(request):
     return family, model
 
 
-def test_under_the_core_invariants(video_case, monkeypatch):
-    family, model = video_case
-    shapes = video_shapes(family, DYCOKE_SHAPES)
-    monkeypatch.setitem(TINY_PARAMS, "query_frames", CLIP)
-    videos = [
-        [frames_of(2 * family.frames(size)[0], seed=b + i) for i, size in enumerate(s[2])] for b, s in enumerate(shapes)
-    ]
-
-    def prepare(pruned, samples):
-        pruned.set_query([f"{QUESTION} {b}" for b in samples], videos=[videos[b] for b in samples])
-
-    check_method(family, model, "query_frames", {"ratio": 0.5}, shapes, prepare=prepare)
-
-
 def test_then_a_cls_method_on_internvl_videos(monkeypatch):
     """``then="fastervlm"`` reads InternViT's [CLS] attention of each frame: the core invariants on InternVL videos
     (two in one prompt included); on LLaVA-OneVision, whose tower has no [CLS], the wrap refuses it."""
@@ -144,8 +109,8 @@ def test_then_a_cls_method_on_internvl_videos(monkeypatch):
     model = family.build(layers=4)
     shapes = ((3, 2, (4,)), (1, 3, (3, 2)), (5, 1, (2,)))
     run(model, family.inputs(model, shapes[:1]))  # a first call sets lazy attributes the checks compare
-    monkeypatch.setitem(TINY_PARAMS, "query_frames", {**CLIP, "then": "fastervlm"})
-    videos = [[frames_of(size, seed=b + i) for i, size in enumerate(s[2])] for b, s in enumerate(shapes)]
+    monkeypatch.setitem(TINY_PARAMS, "query_frames", {**TINY_CLIP, "then": "fastervlm"})
+    videos = [[random_frames(size, seed=b + i) for i, size in enumerate(s[2])] for b, s in enumerate(shapes)]
 
     def prepare(pruned, samples):
         pruned.set_query([f"{QUESTION} {b}" for b in samples], videos=[videos[b] for b in samples])
@@ -159,7 +124,7 @@ def test_then_a_cls_method_on_internvl_videos(monkeypatch):
 def test_errors(video_case):
     family, model = video_case
     inputs = family.inputs(model, video_shapes(family, DYCOKE_SHAPES)[:1])
-    with vlprune.wrap(model, "query_frames", ratio=0.5, **CLIP) as pruned, torch.no_grad():
+    with vlprune.wrap(model, "query_frames", ratio=0.5, **TINY_CLIP) as pruned, torch.no_grad():
         with pytest.raises(ValueError, match="call pruned.set_query"):
             model(**inputs)
         pruned.set_query(["one", "two"])
@@ -168,11 +133,11 @@ def test_errors(video_case):
         with pytest.raises(TypeError, match="questions must be a string"):
             pruned.set_query(3)
         with pytest.raises(ValueError, match="videos must list"):
-            pruned.set_query(["a", "b"], videos=[frames_of(2)])
-        pruned.set_query(QUESTION, videos=[frames_of(1)])
+            pruned.set_query(["a", "b"], videos=[random_frames(2)])
+        pruned.set_query(QUESTION, videos=[random_frames(1)])
         with pytest.raises(ValueError, match="needs at least"):
             model(**inputs)
-    with vlprune.wrap(model, "query_frames", ratio=1.0, **CLIP) as pruned, torch.no_grad():
+    with vlprune.wrap(model, "query_frames", ratio=1.0, **TINY_CLIP) as pruned, torch.no_grad():
         model(**inputs)  # the whole budget: untouched, no query needed
         assert pruned.plans[0].kept_per_sample == [pruned.plans[0].num_visual[0]]
     for bad, kind, match in (

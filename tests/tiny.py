@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 
@@ -151,3 +154,25 @@ def save_tiny_internvl(folder) -> str:
         chat_template=VIDEO_TEMPLATE,
     ).save_pretrained(folder)
     return str(folder)
+
+
+# query_frames' CLIP, as a tiny random open_clip model registered by name (see register_tiny_clip)
+TINY_CLIP = {"clip": "vlprune-tiny-clip", "pretrained": None}
+
+
+def register_tiny_clip(folder) -> None:
+    """Register a 32 px CLIP of 2 + 2 layers (8 px patches: a 4 x 4 grid) with open_clip as ``vlprune-tiny-clip``."""
+    import open_clip
+
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    }
+    (folder / "vlprune-tiny-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder)
+
+
+def random_frames(count: int, seed: int = 0, side: int = 48) -> np.ndarray:
+    """``count`` decoded frames of random pixels, (count, side, side, 3) uint8."""
+    return np.random.default_rng(seed).integers(0, 256, size=(count, side, side, 3), dtype=np.uint8)
