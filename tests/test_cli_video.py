@@ -48,7 +48,8 @@ def test_run_video_answers_keeps_and_draws_each_method(checkpoint, video, tmp_pa
     argv = ["run", "--video", video, "--frames", str(FRAMES), "--model", checkpoint, "--question", "what moves ?"]
     argv += ["--methods", "uniform,dycoke,holitom", "--keep", "12", "--out", str(out), "--max-new-tokens", "3"]
     assert cli.main(argv) == 0
-    printed = capsys.readouterr().out.splitlines()[2:]
+    rows = ("unpruned", "uniform", "dycoke", "holitom")
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.split()[:1] and line.split()[0] in rows]
     kept = {line.split()[0]: next(w for w in line.split() if re.fullmatch(r"\d+/\d+", w)) for line in printed}
     answers = {line.split()[0]: line[13:34].strip() for line in printed}
     assert list(kept) == ["unpruned", "uniform", "dycoke", "holitom"]
@@ -202,7 +203,8 @@ def test_internvl_videos_through_the_cli_and_the_lmms_eval_model(tmp_path, video
     checkpoint = save_tiny_internvl(tmp_path / "tiny-internvl")
     argv = ["run", "--video", video, "--frames", str(FRAMES), "--model", checkpoint, "--question", "what moves ?"]
     assert cli.main([*argv, "--methods", "uniform,dycoke,prunevid", "--keep", "40", "--max-new-tokens", "3"]) == 0
-    printed = capsys.readouterr().out.splitlines()[2:]
+    rows = ("unpruned", "uniform", "dycoke", "prunevid")
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.split()[:1] and line.split()[0] in rows]
     kept = {line.split()[0]: next(w for w in line.split() if re.fullmatch(r"\d+/\d+", w)) for line in printed}
     total = FRAMES * 16
     assert kept == {"unpruned": f"{total}/{total}", "uniform": f"40/{total}", "dycoke": f"40/{total}"} | {

@@ -1,7 +1,7 @@
 """Browser test of the Gradio demo: headless Chromium (Debian's ``chromium`` and ``chromium-driver``) driven by
-Selenium. It starts the demo on 127.0.0.1, clicks a bundled example, picks two methods, runs them, and checks that
-both overlays and answers appear; the screenshot is saved as ``demo.png`` under ``$VLPRUNE_ARTIFACTS`` (default:
-pytest's temporary folder).
+Selenium. It starts the demo on 127.0.0.1 and checks the result it opens on, clicks a bundled example, picks two
+methods, runs them, and checks that both overlays and answers appear; the screenshots are saved under
+``$VLPRUNE_ARTIFACTS`` (default: pytest's temporary folder).
 
 Without Chromium, Selenium or Gradio the test is skipped, unless ``VLPRUNE_REQUIRE_BROWSER=1`` (set by ``.ci/run``,
 which installs them), where a missing piece is a failure.
@@ -62,9 +62,20 @@ def browser_for(tmp_path):
     return webdriver.Chrome(service=Service(driver_path), options=options)
 
 
+def table_rows(browser) -> list[list[str]]:
+    """The results table's rows (one cell per header of ``demo.HEADERS``), the unpruned one first."""
+    from selenium.webdriver.common.by import By
+
+    from vlprune.app import demo
+
+    cells = browser.find_element(By.ID, "results").text.split("\n")  # the label, the headers, then each row's cells
+    start, width = cells.index("unpruned"), len(demo.HEADERS)
+    return [cells[i : i + width] for i in range(start, len(cells), width)]
+
+
 def run_methods(browser, wait, names: tuple[str, str]) -> tuple[list[list[str]], str]:
-    """Tick exactly the two methods ``names``, press Run, and return the results table's three rows (five cells
-    each, the unpruned one first) and the gallery's captions once both methods' overlays are there."""
+    """Tick exactly the two methods ``names``, press Run, and return the results table's three rows (the unpruned
+    one first) and the gallery's captions once both methods' overlays are there."""
     from selenium.webdriver.common.by import By
 
     for box in browser.find_elements(By.CSS_SELECTOR, "#methods input[type=checkbox]"):
@@ -74,10 +85,7 @@ def run_methods(browser, wait, names: tuple[str, str]) -> tuple[list[list[str]],
     wait.until(lambda b: all(name in b.find_element(By.ID, "results").text for name in names))
     wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) >= 3)
     time.sleep(0.5)
-    cells = browser.find_element(By.ID, "results").text.split()  # header, then each row's five cells
-    start = cells.index("unpruned")
-    rows = [cells[i : i + 5] for i in range(start, start + 15, 5)]
-    return rows, browser.find_element(By.ID, "gallery").text
+    return table_rows(browser), browser.find_element(By.ID, "gallery").text
 
 
 def artifact(browser, tmp_path, name: str) -> Path:
@@ -115,6 +123,38 @@ def test_demo_in_headless_chromium(tmp_path):
     assert all(r[1] in embedded.build_tokenizer().get_vocab() for r in rows), rows  # an answer in each row
     assert all(f"{m}:" in captions for m in ("unpruned", "fastv", "fastervlm")), captions  # one overlay each
     assert shot.stat().st_size > 10_000
+
+
+def test_the_demo_opens_on_a_result(tmp_path):
+    """With no input at all, the page shows the first bundled example answered by the unpruned model and the
+    default methods, with each one's overlay and its FLOP ratios (a method that prunes saves FLOPs)."""
+    browser = browser_for(tmp_path)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from vlprune.app import demo
+
+    example = json.loads((embedded.default_path().parent / "examples" / "examples.json").read_text())[0]
+    port = free_port()
+    app = demo.launch(port=port, block=False)
+    try:
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: "unpruned" in b.find_element(By.ID, "results").text)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) >= 3)
+        time.sleep(0.5)
+        rows, captions = table_rows(browser), browser.find_element(By.ID, "gallery").text
+        question = browser.find_element(By.CSS_SELECTOR, "#question textarea").get_attribute("value")
+        artifact(browser, tmp_path, "demo-first.png")
+    finally:
+        browser.quit()
+        app.close()
+    assert question == example["question"]
+    assert [r[0] for r in rows] == ["unpruned", *demo.DEFAULT], rows
+    assert rows[0][1] == example["answer"] and rows[0][4:] == ["1.00x", "1.00x", "1.00x"], rows
+    assert [r[2] for r in rows] == ["144/144", "36/144", "36/144"], rows
+    assert all(float(r[5].rstrip("x")) > 1 and float(r[6].rstrip("x")) > 1 for r in rows[1:]), rows
+    assert all(f"{m}:" in captions for m in ("unpruned", *demo.DEFAULT)), captions
 
 
 def test_demo_takes_a_video_in_headless_chromium(tmp_path):

@@ -163,6 +163,53 @@ def test_cli_run_answers_the_readme_example(shipped, tmp_path, capsys):
         assert "36/144" in row and (tmp_path / f"{method}.png").is_file()
 
 
+def test_cli_run_reports_no_speed_up_when_nothing_is_pruned(shipped, tmp_path, capsys):
+    """``--keep`` above the image's 144 tokens: said in the output, and no method shows a speed-up or a FLOP saving,
+    whatever the timings measured."""
+    example = json.loads((embedded.default_path().parent / "examples" / "examples.json").read_text())[0]
+    image = embedded.default_path().parent / "examples" / example["image"]
+    argv = ["run", "--image", str(image), "--question", example["question"], "--methods", "fastv,divprune,visionzip"]
+    assert cli.main([*argv, "--keep", "10000", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "--keep 10000 is not below the 144 visual tokens of this input: every method keeps them all" in lines
+    for method in ("fastv", "divprune", "visionzip"):
+        row = next(line for line in lines if line.startswith(method))
+        assert "144/144" in row and "none (all kept)" in row and row.split()[-3:-1] == ["1.00x", "1.00x"], row
+
+
+def test_speed_ups_are_medians_marked_within_noise():
+    from vlprune.app.models import Outcome, speedup
+
+    plan = vlprune.KeepPlan(
+        0, "x", [torch.tensor([0])], [torch.tensor([0])], [torch.tensor([0])], [2], [torch.tensor([0, -1])],
+        [torch.tensor([1.0, 0.0])],
+    )  # fmt: skip
+    base = Outcome("unpruned", "a", 2, 2, [1.0, 1.1, 1.2, 1.3, 1.4], 10.0, None, None)
+    fast = Outcome("m", "a", 1, 2, [0.5, 0.55, 0.6, 0.65, 0.7], 5.0, (4.0, 1.0), plan, [plan])
+    close = Outcome("m", "a", 1, 2, [0.9, 1.0, 1.1, 1.25, 1.6], 5.0, (4.0, 1.0), plan, [plan])
+    assert speedup(base, base) == "1.00x"
+    assert speedup(base, fast) == "2.00x"  # 1.2 / 0.6, the quartiles apart
+    assert speedup(base, close) == "1.09x (noise)"  # 1.2 / 1.1, the quartiles overlap
+
+
+def test_flops_at_llava_1_5_7b_scale_by_hand():
+    """FastV's plan (layer 2, 64 of 576 kept) and a pre-LLM one on LLaVA-1.5-7B's shapes, with 40 text tokens."""
+    from vlprune.app.flops import scaled_flops
+
+    def decoder(n):  # q, k, v, o (4096 x 4096 each), gate, up, down (4096 x 11008); scores and values over n keys
+        return 2 * n * (4 * 4096**2 + 3 * 4096 * 11008) + 2 * 2 * n * n * 4096
+
+    tower = 24 * (2 * 577 * (4 * 1024**2 + 2 * 1024 * 4096) + 2 * 2 * 577**2 * 1024)
+    fixed = tower + 2 * 576 * (1024 * 4096 + 4096**2) + 2 * 4096 * 32000
+    for layer, expected in ((2, fixed + 2 * decoder(616) + 30 * decoder(104)), (0, fixed + 32 * decoder(104))):
+        into = torch.cat([torch.arange(16), torch.full((128,), -1)])
+        plan = vlprune.KeepPlan(
+            layer, "x", [torch.arange(16)], [torch.arange(20)], [torch.zeros(16)], [144], [into], [into.ge(0).float()]
+        )
+        full, pruned = scaled_flops([plan], text=40, images=1)  # 16 of 144 is 64 of 576
+        assert full == fixed + 32 * decoder(616) and pruned == expected
+
+
 def test_cli_errors_and_listings(capsys, tmp_path):
     assert cli.main(["run", "--image", "x.png", "--question", "q", "--methods", "fastest"]) == 2
     assert "unknown method(s) ['fastest']" in capsys.readouterr().err

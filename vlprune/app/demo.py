@@ -1,17 +1,21 @@
 """The Gradio demo: an image (or one of the bundled shapes examples), or a video on a model that takes videos, a
 question, some methods and a budget; per method, side by side with the unpruned model, the overlay of the tokens it
-kept, its answer, the tokens kept and the prefill time. ``vlprune demo`` starts it (needs
+kept, its answer, the tokens kept, the prefill time and the FLOP ratios. On the embedded model it opens on the first
+bundled example's result. ``vlprune demo`` starts it (needs
 ``pip install 'vlprune[demo]'``, and ``'vlprune[video]'`` for videos)."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 from ..registry import list_methods
 from ..support import support
 from . import embedded
 
+logger = logging.getLogger(__name__)
 DEFAULT = ["fastv", "divprune"]
+HEADERS = ["method", "answer", "tokens kept", "prefill ms", "speed-up", "FLOPs", "7B FLOPs"]
 
 
 def examples() -> list[list[str]]:
@@ -23,11 +27,12 @@ def examples() -> list[list[str]]:
 
 def results(loaded, image, video: str | None, question: str, chosen: list[str], keep: int, frames: int = 16):
     """What the demo shows for one run: ``(gallery, rows)``, the overlays with captions (the unpruned input first)
-    and per method ``[method, answer, tokens kept, prefill ms, speed-up]``. ``video``: a file path; it takes
-    precedence over ``image``. Raises ``ValueError`` for a missing input or question and what the run refuses."""
+    and per method a row of :data:`HEADERS` (the speed-up and FLOP ratios as ``vlprune run`` prints them).
+    ``video``: a file path; it takes precedence over ``image``. Raises ``ValueError`` for a missing input or question
+    and what the run refuses."""
     from PIL import Image
 
-    from .models import compare
+    from .models import compare, flop_ratio, scale_ratio, speedup
     from .overlays import contact_sheet, overlay, video_overlay
 
     if (image is None and not video) or not question or not question.strip():
@@ -41,17 +46,20 @@ def results(loaded, image, video: str | None, question: str, chosen: list[str], 
     else:
         image = image.convert("RGB")
         outcomes = compare(loaded, image, question, chosen or [], {"keep": int(keep)})
-    base = outcomes[0].seconds
+    base = outcomes[0]
     gallery, rows = [], []
     for o in outcomes:
         if o.plan is None:  # the unpruned input
             picture = image if clip is None else contact_sheet([Image.fromarray(frame) for frame in clip])
         else:
             picture = overlay(image, o.plan) if clip is None else video_overlay(clip, o.plan)
-        caption = f"{o.method}: {o.answer} ({o.kept}/{o.total} tokens, {o.seconds * 1e3:.0f} ms)"
+        caption = f"{o.method}: {o.answer} ({o.kept}/{o.total} tokens)"
         if picture is not None:
             gallery.append((picture, caption))
-        rows.append([o.method, o.answer, f"{o.kept}/{o.total}", round(o.seconds * 1e3, 1), round(base / o.seconds, 2)])
+        ms = round(o.seconds * 1e3, 1)
+        rows.append(
+            [o.method, o.answer, f"{o.kept}/{o.total}", ms, speedup(base, o), flop_ratio(base, o), scale_ratio(o)]
+        )
     return gallery, rows
 
 
@@ -105,12 +113,28 @@ def build(model: str | None = None):
             with gr.Column(scale=2):
                 gallery = gr.Gallery(label="kept tokens", columns=3, elem_id="gallery")
                 table = gr.Dataframe(
-                    headers=["method", "answer", "tokens kept", "prefill ms", "speed-up"],
+                    headers=HEADERS,
                     label="results",
                     elem_id="results",
                 )
         button.click(run, [image, video, question, chosen, keep, frames], [gallery, table])
+        if loaded.is_embedded:  # a result on opening: the first example, with the default methods and budget
+            path, asked = examples()[0]
+
+            def first_example():
+                picture = load_image(path)
+                return (picture, asked, *run(picture, None, asked, chosen.value, keep.value, frames.value))
+
+            app.load(first_example, None, [image, question, gallery, table])
     return app
+
+
+def load_image(path: str):
+    """The RGB image at ``path``."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 MAX_UPLOAD = "20mb"  # the default bound on an uploaded image or video (``vlprune demo --max-file-size``)
@@ -137,7 +161,16 @@ def launch(
     """Start the demo on ``host:port``, refusing uploads over ``max_file_size`` (bytes, or a size such as
     ``"20mb"``); with ``block=False`` return the running app (tests)."""
     app = build(model)
+    # quiet: Gradio's own banner suggests share=True, which `vlprune demo` does not offer (the demo stays local)
     app.launch(
-        server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True, max_file_size=max_file_size
+        server_name=host,
+        server_port=port,
+        prevent_thread_lock=True,
+        show_error=True,
+        max_file_size=max_file_size,
+        quiet=True,
     )
+    logger.info("vlprune demo on %s", app.local_url)
+    if block:
+        app.block_thread()
     return app

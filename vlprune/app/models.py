@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..api import wrap
 from ..registry import list_methods, list_models, selector_class, video_models
 from . import embedded
+from .flops import FlopCount, scaled_flops
 
 
 @dataclass
@@ -85,8 +86,11 @@ def fitted(method: str, model) -> dict:
 
 
 # --- measuring ---------------------------------------------------------------------------------------------------
-def prefill_seconds(model, inputs: dict, repeats: int = 3) -> float:
-    """Median time of a forward over the prompt, after one warm-up run."""
+REPEATS = 7  # timed prefills per configuration, after a discarded warm-up
+
+
+def prefill_times(model, inputs: dict, repeats: int = REPEATS) -> list[float]:
+    """Seconds of ``repeats`` forwards over the prompt, after one warm-up run (discarded)."""
     times = []
     with torch.no_grad():
         for i in range(repeats + 1):
@@ -94,7 +98,19 @@ def prefill_seconds(model, inputs: dict, repeats: int = 3) -> float:
             model(**inputs)
             if i:
                 times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def prefill_seconds(model, inputs: dict, repeats: int = 3) -> float:
+    """Median time of a forward over the prompt, after one warm-up run."""
+    return statistics.median(prefill_times(model, inputs, repeats))
+
+
+def prefill_flops(model, inputs: dict) -> float:
+    """Analytic FLOPs of one forward over the prompt, as the model runs now (wrapped or not)."""
+    with torch.no_grad(), FlopCount(model) as count:
+        model(**inputs)
+    return count.total
 
 
 def generate(model, inputs: dict, max_new_tokens: int) -> torch.Tensor:
@@ -105,38 +121,92 @@ def generate(model, inputs: dict, max_new_tokens: int) -> torch.Tensor:
 
 @dataclass
 class Outcome:
+    """One configuration of :func:`compare`: its answer, visual tokens kept of ``total``, prefill ``times``
+    (seconds), analytic prefill ``flops``, the same plans' ``(unpruned, pruned)`` FLOPs on LLaVA-1.5-7B's geometry
+    (``at_scale``; ``None`` for the unpruned run and for videos) and its last stage's ``plan``."""
+
     method: str
     answer: str
     kept: int
     total: int
-    seconds: float
+    times: list[float]
+    flops: float
+    at_scale: tuple[float, float] | None
     plan: object | None
+    plans: list = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        """The median prefill time."""
+        return statistics.median(self.times)
+
+    @property
+    def quartiles(self) -> tuple[float, float]:
+        q1, _, q3 = statistics.quantiles(self.times, n=4, method="inclusive")
+        return q1, q3
+
+    @property
+    def keeps_all(self) -> bool:
+        """Whether every visual token reached every layer untouched (nothing pruned, nothing merged)."""
+        return self.plan is None or all(len(p.keep_visual[0]) == p.num_visual[0] and not p.merges for p in self.plans)
+
+
+def speedup(base: Outcome, o: Outcome) -> str:
+    """The measured prefill speed-up of ``o`` over the unpruned ``base``: the ratio of the medians, marked
+    ``(noise)`` when the two runs' interquartile ranges overlap; never a speed-up for a run that keeps every token."""
+    if o.plan is None:
+        return "1.00x"
+    if o.keeps_all:
+        return "none (all kept)"
+    ratio = base.seconds / o.seconds
+    (b1, b3), (o1, o3) = base.quartiles, o.quartiles
+    return f"{ratio:.2f}x (noise)" if o1 <= b3 and b1 <= o3 else f"{ratio:.2f}x"
+
+
+def flop_ratio(base: Outcome, o: Outcome) -> str:
+    """Analytic prefill FLOPs unpruned / this run, on this model."""
+    return "1.00x" if o.keeps_all else f"{base.flops / o.flops:.2f}x"
+
+
+def scale_ratio(o: Outcome) -> str:
+    """The same ratio for the same plans on LLaVA-1.5-7B's geometry (``-`` for videos)."""
+    if o.keeps_all:
+        return "1.00x"
+    return "-" if o.at_scale is None else f"{o.at_scale[0] / o.at_scale[1]:.2f}x"
 
 
 def compare(loaded: Loaded, image, question: str, methods, budget: dict, max_new_tokens: int = 8, video=None):
     """The unpruned model and each method on one image (or ``video``, a (T, H, W, 3) uint8 array) and question:
-    answers, tokens kept, prefill time. A temporal method on an image raises ``ValueError``."""
+    answers, tokens kept, prefill times (:data:`REPEATS` after a warm-up) and analytic FLOPs. A temporal method on an
+    image raises ``ValueError``."""
     model = loaded.model
     if video is None:
         temporal = [m for m in methods if m in list_methods("video")]
         if temporal:
             raise ValueError(f"{temporal} prune videos, not images; image methods: {list_methods('image')}")
     inputs = loaded.inputs(image, question, video=video)
-    outcomes = []
-    seconds = prefill_seconds(model, inputs)
     placeholder = model.config.image_token_id  # InternVL writes video frames as images
     if video is not None:
         placeholder = getattr(model.config, "video_token_id", None) or placeholder
     total = int((inputs["input_ids"] == placeholder).sum())
-    outcomes.append(
-        Outcome("unpruned", loaded.decode(generate(model, inputs, max_new_tokens)), total, total, seconds, None)
-    )
+    text = int(inputs["input_ids"].shape[1]) - total
+    answer = loaded.decode(generate(model, inputs, max_new_tokens))
+    outcomes = [
+        Outcome(
+            "unpruned", answer, total, total, prefill_times(model, inputs), prefill_flops(model, inputs), None, None
+        )
+    ]
     for method in methods:
         with wrap(model, method, **budget, **fitted(method, model)) as pruned:
             pruned.set_query(question, videos=[] if video is None else [video])  # for query_frames
             pruned.set_videos([None] if video is None else [len(video)])  # for InternVL
             answer = loaded.decode(generate(model, inputs, max_new_tokens))
-            plan = pruned.plans[-1]
-            seconds = prefill_seconds(model, inputs)
-        outcomes.append(Outcome(method, answer, sum(plan.kept_per_sample), plan.num_visual[0], seconds, plan))
+            plans = list(pruned.plans)
+            times, flops = prefill_times(model, inputs), prefill_flops(model, inputs)
+        images = len(plans[0].grids[0]) if plans else 1
+        at_scale = None if video is not None else scaled_flops(plans, text, images)
+        kept = sum(plans[-1].kept_per_sample)
+        outcomes.append(
+            Outcome(method, answer, kept, plans[-1].num_visual[0], times, flops, at_scale, plans[-1], plans)
+        )
     return outcomes
