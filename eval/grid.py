@@ -279,7 +279,7 @@ def _scaled(row: dict, key: str, unit: float, fmt: str = "{:.3f}") -> str:
 def plots(rows: list[dict], out: Path) -> list[Path]:
     """Accuracy vs budget, prefill speed-up vs budget and accuracy vs FLOPs, one line per method and task; nothing
     (and an empty list) without matplotlib."""
-    from ..app.bench import pyplot
+    from ..app.bench import pyplot, styles
 
     plt = pyplot()
     if plt is None:
@@ -290,8 +290,9 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
         ("speedup_vs_budget.png", "budget", "prefill_speedup", "visual-token budget", "prefill speed-up"),
         ("accuracy_vs_flops.png", "flops", "acc", "prefill FLOPs", "accuracy"),
     ]
+    style = styles(r["method"] for r in rows if r["method"] != "unpruned")
     for name, x_key, y_key, x_label, y_label in specs:
-        figure, axes = plt.subplots(figsize=(7, 4.5))
+        figure, axes = plt.subplots(figsize=(7.5, 5))
         for task in dict.fromkeys(r["task"] for r in rows):
             for method in dict.fromkeys(r["method"] for r in rows if r["task"] == task):
                 points = []
@@ -303,10 +304,16 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
                             continue
                 if points:
                     points.sort()
-                    style = "*" if method == "unpruned" else "o-"
-                    axes.plot(*zip(*points, strict=True), style, label=f"{method} · {task}")
+                    look = (
+                        {"color": "black", "marker": "*", "linestyle": "none"}
+                        if method == "unpruned"
+                        else style[method]
+                    )
+                    axes.plot(*zip(*points, strict=True), label=f"{method} · {task}", **look)
+        axes.set_title(f"{y_label} by {x_label}")
         axes.set_xlabel(x_label)
         axes.set_ylabel(y_label)
+        axes.grid(alpha=0.3)
         axes.legend(fontsize=6, ncol=2)
         figure.tight_layout()
         figure.savefig(out / name, dpi=110)

@@ -133,7 +133,9 @@ class VLPrune(lmms):
         if device is None or (state.num_processes > 1 and str(device).startswith("cuda")):
             device = str(state.device)
         self._device = torch.device(device)
-        loaded = load(pretrained, dtype=dtypes[dtype], attn_implementation=attn_implementation)
+        loaded = load(
+            pretrained, dtype=dtypes[dtype], attn_implementation=attn_implementation, device=str(self._device)
+        )
         self.loaded, self.max_frames_num = loaded, max_frames_num
         self.model, self.processor, self.is_embedded = (
             loaded.model.to(self._device),

@@ -4,7 +4,8 @@
 
 The model has the real LLaVA-1.5 token geometry (336 px images, 14 px patches: 576 visual tokens in a 24 x 24 grid)
 at a tiny width, so it runs in seconds on a CPU. Its answers are random tokens: the point is to see the mechanism
-(which tokens survive, how many the decoder sees, that generate() runs) until vlprune ships a trained demo model.
+(which tokens survive, how many the decoder sees, that generate() runs) at LLaVA-1.5's geometry. For answers that
+mean something, `vlprune run` uses the trained model shipped in the package.
 """
 
 from __future__ import annotations

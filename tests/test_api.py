@@ -196,7 +196,10 @@ def test_registries():
         assert cls.__doc__ and cls.summary
     models = readme.split("| `model_type` | classes | signals |", 1)[1].split("\n\n", 1)[0]
     assert sorted(re.findall(r"^\| `([a-z0-9_]+)` \|", models, flags=re.M)) == vlprune.list_models()
-    assert markdown() in readme  # the support table is the generated one
+    methods_page = (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
+    detailed = methods_page.split("| method | registry name |", 1)[1].split("\n\n", 1)[0]
+    assert sorted(re.findall(r"^\| [^|]+ \| `([a-z0-9_]+)` \|", detailed, flags=re.M)) == vlprune.list_methods()
+    assert markdown() in methods_page  # the support table is the generated one
     with pytest.raises(ValueError, match="lower snake case"):
         vlprune.register_selector("Bad-Name")
     with pytest.raises(ValueError, match="already registered"):

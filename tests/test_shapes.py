@@ -234,6 +234,14 @@ def test_cli_errors_and_listings(capsys, tmp_path):
     out = capsys.readouterr().out
     assert all(name in out for name in vlprune.list_models())
     assert cli.main(["run", "--image", str(tmp_path / "none.png"), "--question", "q"]) == 2
+    capsys.readouterr()
+    for flag, value, message in (
+        ("--device", "tpu", "--device 'tpu'"),
+        ("--dtype", "float8", "--dtype 'float8' is not"),
+    ):
+        assert cli.main(["run", "--image", image, "--question", "q", flag, value]) == 2  # before any model loads
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
 
 
 def test_overlay_dims_dropped_tokens_and_tints_merge_groups():
@@ -253,6 +261,26 @@ def test_overlay_dims_dropped_tokens_and_tints_merge_groups():
     merged = picture[10, cell + 10] - original[10, cell + 10]
     assert merged.any() and not (picture[10, 2 * cell + 10] == original[10, 2 * cell + 10]).all()
     assert overlays.overlay(image, vlprune.KeepPlan(0, "x", [torch.tensor([0])], [], [], [10], [into[:10]], [])) is None
+
+
+def test_visionzip_overlay_outlines_its_dominant_patches_and_tints_each_contextual_region(shipped):
+    """VisionZip feeds [CLS], its dominant tokens and its contextual tokens in the first placeholders: the overlay
+    draws the patches they came from, not those placeholders (64 kept: [CLS], 53 dominant, 10 contextual, each
+    contextual one the region of the patches merged into it)."""
+    model, processor = shipped
+    example = json.loads((embedded.default_path().parent / "examples" / "examples.json").read_text())[0]
+    image = Image.open(embedded.default_path().parent / "examples" / example["image"])
+    inputs = processor(images=image, text=embedded.prompt(example["question"]), return_tensors="pt")
+    with vlprune.wrap(model, "visionzip", keep=64) as pruned, torch.no_grad():
+        model(**inputs)
+    plan = pruned.plans[0]
+    kinds = overlays.patch_kinds(plan)
+    into = plan.merged_into[0]
+    alone = [p for p in range(144) if torch.sum(into == into[p]) == 1]  # the 53 dominant, and any lone contextual
+    assert [p for p in range(144) if kinds[p] == "kept"] == alone and len(alone) >= 53
+    merged = {int(into[p]) for p in range(144) if kinds[p] == "merged"}
+    assert kinds.count("dropped") == 0 and len(merged) + len(alone) == 63  # every slot but [CLS]'s, one region each
+    assert sorted(plan.keep_visual[0].tolist()) == list(range(64))  # the placeholders they fill
 
 
 def test_bench_writes_csv_and_table(shipped, tmp_path):

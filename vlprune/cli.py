@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .app.models import REPEATS, compare, flop_ratio, load, scale_ratio, speedup
+from .app.models import REPEATS, compare, device_of, dtype_of, flop_ratio, load, scale_ratio, speedup
 from .app.overlays import overlay, video_overlay
 from .registry import adapter_class, list_methods, list_models, selector_class
 
@@ -46,6 +46,7 @@ def check_run_arguments(args) -> None:
     from .config import Stage
 
     Stage("uniform", **budget_of(args))  # keep >= 1, ratio in (0, 1]
+    device_of(args.device), dtype_of(args.dtype)
     if not args.question.strip():
         raise ValueError("--question is empty")
     for name in ("frames", "max_new_tokens"):
@@ -72,7 +73,7 @@ def cmd_run(args) -> int:
         from .video import DEFAULT_FRAMES, load_video
 
         image, frames = None, load_video(args.video, num_frames=args.frames or DEFAULT_FRAMES).frames
-    loaded = load(args.model)
+    loaded = load(args.model, args.dtype, device=args.device)
     outcomes = compare(loaded, image, args.question, methods, budget_of(args), args.max_new_tokens, video=frames)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,6 +128,12 @@ def _names(text: str | None) -> list[str] | None:
     return names or None
 
 
+def wrote(folder: str) -> str:
+    """The line saying which files a bench wrote, and where."""
+    names = sorted(p.name for p in Path(folder).iterdir() if p.suffix in (".csv", ".md", ".png"))
+    return f"wrote {', '.join(names)} to {Path(folder).resolve()}"
+
+
 def cmd_bench(args) -> int:
     if args.tasks is None:
         from .app.bench import shapes_table
@@ -134,6 +141,7 @@ def cmd_bench(args) -> int:
         fractions = tuple(float(f) for f in args.fractions.split(","))
         shapes_table(args.out, _names(args.methods), fractions, args.samples, args.model)
         print((Path(args.out) / "table.md").read_text())
+        print(wrote(args.out))
         return 0
     from .eval.grid import lmms_grid
 
@@ -151,6 +159,7 @@ def cmd_bench(args) -> int:
         args.repeats,
     )
     print((Path(args.out) / "table.md").read_text())
+    print(wrote(args.out))
     return 0
 
 
@@ -164,10 +173,24 @@ def cmd_tasks(args) -> int:
 def cmd_demo(args) -> int:
     from .app.demo import launch
 
-    app = launch(model=args.model, host=args.host, port=args.port, max_file_size=args.max_file_size, block=False)
+    device_of(args.device), dtype_of(args.dtype)  # before the model loads
+    app = launch(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        max_file_size=args.max_file_size,
+        block=False,
+        device=args.device,
+        dtype=args.dtype,
+    )
     print(f"vlprune demo: {app.local_url} (Ctrl+C stops it)", flush=True)
     app.block_thread()
     return 0
+
+
+def add_device_arguments(command) -> None:
+    command.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: a CUDA GPU if there is one)")
+    command.add_argument("--dtype", default="auto", help="auto (the checkpoint's own), float32, float16 or bfloat16")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -189,6 +212,7 @@ def parser() -> argparse.ArgumentParser:
     budget.add_argument("--ratio", type=float, default=None, help="fraction of the visual tokens kept per image/video")
     run.add_argument("--out", default="vlprune-run", help="folder for the overlay PNGs")
     run.add_argument("--max-new-tokens", type=int, default=8)
+    add_device_arguments(run)
     run.set_defaults(func=cmd_run)
     sub.add_parser("methods", help="list the methods").set_defaults(func=cmd_methods)
     sub.add_parser("models", help="list the supported model families").set_defaults(func=cmd_models)
@@ -221,6 +245,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=7860)
     demo.add_argument("--max-file-size", default=MAX_UPLOAD, help=f"largest upload accepted (default: {MAX_UPLOAD})")
+    add_device_arguments(demo)
     demo.set_defaults(func=cmd_demo)
     return root
 

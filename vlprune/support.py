@@ -1,5 +1,6 @@
 """Which method runs on which model family: derived from the selectors' signal requests and the adapters' declared
-signals (``Adapter.signals``), never written by hand. ``python -m vlprune.support`` prints the README's table."""
+signals (``Adapter.signals``), never written by hand. ``python -m vlprune.support`` prints the table in
+``docs/methods.md``."""
 
 from __future__ import annotations
 

@@ -65,7 +65,7 @@ def shapes_table(
 
     from .models import fitted, load
 
-    loaded = load(model)
+    loaded = load(model, device="cpu")  # the shapes suite: a CPU benchmark
     model, processor = loaded.model, loaded.processor
     if not loaded.is_embedded:
         raise ValueError("the shapes suite needs the embedded model (or a model trained on its prompt format)")
@@ -131,22 +131,47 @@ def pyplot():
     return plt
 
 
+MARKERS = "osD^vP*Xph<>8H"
+LINES = ("-", "--", "-.", ":")
+
+
+def styles(methods) -> dict[str, dict]:
+    """One colour, marker and line style per method (up to 20 colours before one repeats, never with the same
+    marker), so that no two methods' lines look alike and overlapping ones stay visible."""
+    plt = pyplot()
+    colours = plt.get_cmap("tab20").colors if plt is not None else [None] * 20
+    return {
+        method: {
+            "color": colours[(2 * i) % 20 + (2 * i) // 20 % 2],
+            "marker": MARKERS[i % len(MARKERS)],
+            "linestyle": LINES[i % len(LINES)],
+            "alpha": 0.85,
+            "markersize": 5,
+        }
+        for i, method in enumerate(dict.fromkeys(methods))
+    }
+
+
 def plot(rows: list[dict], fractions: list[float], path: Path) -> bool:
     """Accuracy against kept fraction per method; ``False`` (and nothing written) without matplotlib."""
     plt = pyplot()
     if plt is None:
         return False
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure, axes = plt.subplots(figsize=(7.5, 5))
     base = rows[0]["accuracy"]
-    for method in dict.fromkeys(r["method"] for r in rows[1:]):
+    methods = list(dict.fromkeys(r["method"] for r in rows[1:]))
+    for method, style in styles(methods).items():
         points = sorted((r["fraction"], r["accuracy"]) for r in rows if r["method"] == method)
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
-    axes.axhline(base, color="black", linestyle="--", label="unpruned")
-    axes.set_xlabel("fraction of visual tokens kept")
+        axes.plot([p[0] for p in points], [p[1] for p in points], label=method, **style)
+    axes.axhline(base, color="black", linestyle="--", linewidth=1, label="unpruned")
+    axes.set_title(f"Shapes test split: accuracy by visual tokens kept ({len(methods)} methods)")
+    axes.set_xlabel("visual tokens kept (fraction of 144)")
     axes.set_ylabel("accuracy")
     axes.set_xscale("log")
     axes.set_xticks(fractions, [f"{f:.0%}" for f in fractions])
-    axes.legend(fontsize=7, ncol=2)
+    axes.minorticks_off()
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, ncol=3, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

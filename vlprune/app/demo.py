@@ -63,13 +63,13 @@ def results(loaded, image, video: str | None, question: str, chosen: list[str], 
     return gallery, rows
 
 
-def build(model: str | None = None):
-    """The ``gradio.Blocks`` app for ``model`` (default: the embedded one)."""
+def build(model: str | None = None, device: str | None = None, dtype: str = "auto"):
+    """The ``gradio.Blocks`` app for ``model`` (default: the embedded one) on ``device`` in ``dtype``."""
     import gradio as gr
 
     from .models import load
 
-    loaded = load(model)
+    loaded = load(model, dtype, device=device)
     model_type = loaded.model.config.model_type
     methods = [m for m in list_methods("image") if support(m, model_type) != "no"]
     if loaded.takes_videos:
@@ -157,10 +157,12 @@ def launch(
     port: int = 7860,
     block: bool = True,
     max_file_size: str | int = MAX_UPLOAD,
+    device: str | None = None,
+    dtype: str = "auto",
 ):
     """Start the demo on ``host:port``, refusing uploads over ``max_file_size`` (bytes, or a size such as
     ``"20mb"``); with ``block=False`` return the running app (tests)."""
-    app = build(model)
+    app = build(model, device, dtype)
     # quiet: Gradio's own banner suggests share=True, which `vlprune demo` does not offer (the demo stays local)
     app.launch(
         server_name=host,

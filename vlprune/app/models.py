@@ -43,21 +43,59 @@ class Loaded:
         else:
             media, kind = {"images": image}, "image"
         if self.is_embedded:
-            return dict(self.processor(text=embedded.prompt(question), return_tensors="pt", **media))
+            return self._placed(self.processor(text=embedded.prompt(question), return_tensors="pt", **media))
         messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        return dict(self.processor(text=text, return_tensors="pt", **media))
+        return self._placed(self.processor(text=text, return_tensors="pt", **media))
+
+    def _placed(self, batch) -> dict:
+        """Processor outputs on the model's device, pixel values in its dtype."""
+        parameter = next(self.model.parameters())
+        return {
+            key: value.to(parameter.device, parameter.dtype if value.is_floating_point() else value.dtype)
+            if torch.is_tensor(value)
+            else value
+            for key, value in dict(batch).items()
+        }
 
     def decode(self, ids: torch.Tensor) -> str:
         return self.processor.decode(ids, skip_special_tokens=True).strip()
 
 
-def load(model: str | None, dtype="auto", attn_implementation: str = "sdpa") -> Loaded:
-    """The embedded model (``None``) or a local / hub checkpoint of a supported family (in ``dtype``, default the
-    checkpoint's own; the embedded model is float32)."""
+DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def device_of(name: str | None) -> torch.device:
+    """``name`` (``cpu``, ``cuda``, ``cuda:1``, ...) as a device that exists here; ``None``: a CUDA GPU when there
+    is one, else the CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {name!r}: no such CUDA GPU here ({torch.cuda.device_count()} visible)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: vlprune runs on cpu or cuda")
+    return device
+
+
+def dtype_of(name: str):
+    """``auto`` (the checkpoint's own; float32 for the embedded model) or a floating dtype's name."""
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def load(model: str | None, dtype="auto", attn_implementation: str = "sdpa", device: str | None = None) -> Loaded:
+    """The embedded model (``None``) or a local / hub checkpoint of a supported family, in ``dtype`` (default the
+    checkpoint's own; the embedded model is float32) on ``device`` (:func:`device_of`)."""
+    dtype, device = dtype_of(dtype) if isinstance(dtype, str) else dtype, device_of(device)
     if model is None:
         net, processor = embedded.load_default_model(attn=attn_implementation)
-        return Loaded(net.to(torch.float32 if dtype == "auto" else dtype), processor, "embedded shapes-vlm", True)
+        net = net.to(device, torch.float32 if dtype == "auto" else dtype)
+        return Loaded(net, processor, "embedded shapes-vlm", True)
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     try:
@@ -68,7 +106,7 @@ def load(model: str | None, dtype="auto", attn_implementation: str = "sdpa") -> 
     if config.model_type not in list_models():
         raise ValueError(f"model {model!r} is a {config.model_type!r} model; supported: {list_models()}")
     net = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation)
-    net = net.eval()
+    net = net.to(device).eval()
     return Loaded(net, AutoProcessor.from_pretrained(model), model, False)
 
 
@@ -91,11 +129,14 @@ REPEATS = 7  # timed prefills per configuration, after a discarded warm-up
 
 def prefill_times(model, inputs: dict, repeats: int = REPEATS) -> list[float]:
     """Seconds of ``repeats`` forwards over the prompt, after one warm-up run (discarded)."""
+    device = next(model.parameters()).device
     times = []
     with torch.no_grad():
         for i in range(repeats + 1):
             start = time.perf_counter()
             model(**inputs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             if i:
                 times.append(time.perf_counter() - start)
     return times

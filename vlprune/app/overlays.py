@@ -3,13 +3,16 @@ the token they went into), a video's frames as a contact sheet."""
 
 from __future__ import annotations
 
+import torch
+
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 
 
 def _shade(image, grid: tuple[int, int], first: int, plan, rank: dict[int, int], size: int = 384):
     """``image`` scaled up (to about ``size`` px) with the ``h x w`` tokens of ``grid``, visual indices ``first``
-    onwards of sample 0, marked: kept ones outlined, merged ones tinted by the kept token they went into (``rank``:
-    each kept token's place in the palette), dropped ones dimmed."""
+    onwards of sample 0, marked by where each patch's value went (``plan.merged_into``): kept ones outlined, those
+    merged with others tinted by the token they went into (``rank``: each kept token's place in the palette), so a
+    merged token is drawn as the region it merged (VisionZip's contextual tokens), dropped ones dimmed."""
     from PIL import Image, ImageDraw
 
     h, w = grid
@@ -18,13 +21,13 @@ def _shade(image, grid: tuple[int, int], first: int, plan, rank: dict[int, int],
     cell_w, cell_h = base.size[0] / w, base.size[1] / h
     shade = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(shade)
-    into = plan.merged_into[0]
+    into, kinds = plan.merged_into[0], patch_kinds(plan)
     for local in range(h * w):
         token = first + local
         r, c = divmod(local, w)
         box = (c * cell_w, r * cell_h, (c + 1) * cell_w - 1, (r + 1) * cell_h - 1)
         target = int(into[token])
-        if token in rank and target == token:
+        if kinds[token] == "kept":
             draw.rectangle(box, outline=(255, 255, 0, 255), width=2)
         elif target >= 0:  # merged into a kept token
             color = PALETTE[rank[target] % len(PALETTE)] if target in rank else (128, 128, 128)
@@ -32,6 +35,20 @@ def _shade(image, grid: tuple[int, int], first: int, plan, rank: dict[int, int],
         else:
             draw.rectangle(box, fill=(0, 0, 0, 150))
     return Image.alpha_composite(base.convert("RGBA"), shade).convert("RGB")
+
+
+def patch_kinds(plan) -> list[str]:
+    """Per visual token of sample 0, what ``plan`` did with it: ``"kept"`` (its value reaches the LLM alone: in its
+    own place, or in another slot, as VisionZip's dominant tokens and a release's token order have it), ``"merged"``
+    (averaged with others into one kept token, the group ``merged_into`` names) or ``"dropped"``."""
+    into = plan.merged_into[0]
+    sources = torch.bincount(into[into >= 0], minlength=into.numel())  # how many tokens went into each kept one
+    # before the projector (VisionZip) an output's slot is not the patch it came from: only a lone source is kept
+    kept = set(plan.keep_visual[0].tolist()) if plan.space != "vision" else set()
+    return [
+        "dropped" if t < 0 else "kept" if (token == t and token in kept) or sources[t] == 1 else "merged"
+        for token, t in enumerate(into.tolist())
+    ]
 
 
 def _ranks(plan) -> dict[int, int]:
