@@ -28,7 +28,7 @@ from .attention import switch_to_scoring
 from .captures import VisionCaptures
 from .config import PruneConfig, build_config
 from .decode_cache import CacheRestriction
-from .decoding import Decoding
+from .decoding import Decoder
 from .guards import CallGuards
 from .hints import CallerHints
 from .hooks import HookSet
@@ -46,7 +46,7 @@ from .views import StageInputs, stage_inputs
 logger = logging.getLogger(__name__)
 
 
-class Pruned(Decoding, CallerHints, CallGuards):
+class Pruned(CallerHints, CallGuards):
     """Handle returned by :func:`wrap`. Use as a context manager or call :meth:`unwrap`.
 
     Attributes
@@ -86,6 +86,7 @@ class Pruned(Decoding, CallerHints, CallGuards):
         self._active = False
         caches = [cache for rs in stages if (cache := rs.selector.cache_stage()) is not None]
         self._cache = CacheRestriction(caches[0]) if caches else None  # a decode-time cache stage
+        self._decoder = Decoder(adapter, self._renumber, self._cache)
 
     # --- install / remove --------------------------------------------------------------------------------------
     def _install(self) -> None:
@@ -113,7 +114,7 @@ class Pruned(Decoding, CallerHints, CallGuards):
         if self._cache is not None:
             scored = adapter.attention_module(self._cache.layer - 1)
             decoding = lambda: self._call is not None and not self._call.prefill  # noqa: E731
-            adapter.inject_scorer(self._hooks, scored, self._cache_scorer, decoding)
+            adapter.inject_scorer(self._hooks, scored, Decoder.cache_scorer(lambda: self._call), decoding)
         adapter.install_language(self._hooks, self._current_rows, lambda: self._in_prefill)
         if any(r.name == "embeddings" for r in requests):
             self._hooks.pre(adapter.language_model, self._on_language_model)
@@ -165,12 +166,12 @@ class Pruned(Decoding, CallerHints, CallGuards):
             self._call = None  # the model raises its own error
             return None
         if hf.is_prefill(kwargs):
+            batch, length = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[:2]
             self._check_padding(mask)
-            self._check_videos((input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[0])
-            self.plans = []
-            self._session = None
+            self._check_videos(batch)
+            self.plans, self._session = [], None
             if self._cache is not None:
-                self._cache.start((input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1])
+                self._cache.start(length)
             visual = self.adapter.visual_mask(input_ids, kwargs.get("inputs_embeds"))
             self._vision.video_frames = self._videos  # (a failed call may have left its own)
             self._call = Call(True, mask, cache, visual=visual)
@@ -178,12 +179,15 @@ class Pruned(Decoding, CallerHints, CallGuards):
         self._vision.clear()
         self._check_no_new_images(kwargs)
         self._call = Call(False, mask, cache)
-        return self._decode_entry(input_ids, args, kwargs)
+        try:
+            return self._decoder.entry(self._call, self._session, input_ids, args, kwargs)
+        except ValueError:
+            self._call = None
+            raise
 
     def _on_entry_done(self, module, args, kwargs, output):
-        session = self._session
-        if self._in_prefill and session is not None and session.cache_back:
-            self._compact_earlier_cache(hf.output_cache(output) or self._call.cache)
+        if self._in_prefill and self._session is not None and self._session.cache_back:
+            Decoder.compact_earlier_cache(self._session, hf.output_cache(output) or self._call.cache)
         if self._in_prefill:
             if self._cache is not None and self._call.layouts is not None:
                 self._cache.remember(self._call.layouts)
@@ -210,17 +214,12 @@ class Pruned(Decoding, CallerHints, CallGuards):
             call.layouts = self.adapter.layouts(call.visual, self._vision)
         return call.layouts
 
-    def _slot_rows(self, length: int, device) -> torch.Tensor:
-        call = self._call
-        if call.segment is not None:
-            return call.segment.rows
-        return torch.arange(length, device=device).expand(call.visual.shape[0], length)
-
     def _llm_scorer(self, layer: int, names: set[str]):
         def scorer(module, query, key, value, kwargs):
             call = self._call
             key_mask = call.segment.mask if call.segment is not None else call.attention_mask
-            rows = self._slot_rows(key.shape[2], key.device)
+            full = torch.arange(key.shape[2], device=key.device).expand(call.visual.shape[0], -1)  # before any stage
+            rows = call.segment.rows if call.segment is not None else full
             scaling = kwargs.get("scaling")
             llm_signals.score(call.llm, layer, names, query, key, value, scaling, key_mask, rows, self._layouts)
 
@@ -252,7 +251,7 @@ class Pruned(Decoding, CallerHints, CallGuards):
                 return None
             if call.prefill:
                 return self._prefill_layer(layer, args, kwargs)
-            return self._decode_layer(layer, args, kwargs)
+            return self._decoder.layer(call, self._session, layer, args, kwargs)
 
         return hook
 

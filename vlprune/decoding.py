@@ -1,10 +1,11 @@
 """Decoding after a pruned prefill: the decoder-layer pre-hooks that give each layer a mask against its own (shorter)
 KV cache, a decode-time cache stage's restriction (DyCoke), and the compaction of the earlier layers' cache after a
-prefill whose stage asks for it (PruneVid). A mixin of :class:`vlprune.api.Pruned`, whose per-call state it reads:
-``_call``, ``_session``, ``_cache``, ``adapter`` and ``_renumber``."""
+prefill whose stage asks for it (PruneVid). :class:`Decoder` is owned by the :class:`vlprune.api.Pruned` handle,
+which hands it the call's state (:class:`~vlprune.state.Call`, :class:`~vlprune.state.Session`) on every hook."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,21 +20,19 @@ if TYPE_CHECKING:
     from .state import Call, Session
 
 
-class Decoding:
-    """The decoding half of :class:`vlprune.api.Pruned` (see the module docstring)."""
+class Decoder:
+    """The decoding half of a wrapped model: ``adapter`` (the family), ``renumber`` (positions renumbered while
+    decoding) and the decode-time cache stage's ``restriction`` (or ``None``)."""
 
-    # the per-call state it reads, set by Pruned
-    _call: Call | None
-    _session: Session | None
-    _cache: CacheRestriction | None
-    adapter: Adapter
-    _renumber: bool
+    def __init__(self, adapter: Adapter, renumber: bool, restriction: CacheRestriction | None) -> None:
+        self.adapter = adapter
+        self.renumber = renumber
+        self.restriction = restriction
 
-    def _decode_entry(self, input_ids, args, kwargs):
+    def entry(self, call: Call, session: Session | None, input_ids, args, kwargs):
         """The entry pre-hook of a decoding step after a pruned prefill. Layer 0 saw only the kept tokens, so its
         cache is shorter than the input: give the language model a 2-D mask and (when the caller gave none) the
-        positions it would have had without pruning."""
-        session, call = self._session, self._call
+        positions it would have had without pruning. A call that re-feeds earlier tokens is a ``ValueError``."""
         first = session.layer_segment.get(0) if session else None
         if first is None:
             return None
@@ -41,18 +40,17 @@ class Decoding:
         seen = hf.cache_length(call.cache) - first.length  # tokens decoded so far
         mask = call.attention_mask
         if mask is not None and mask.shape[-1] != session.full_length + seen + q:
-            self._call = None
             refuse_continuation(q, session.full_length + seen, mask.shape[-1])
         if kwargs.get("position_ids") is None:
             positions = session.full_length + seen + torch.arange(q, device=first.rows.device)
             kwargs["position_ids"] = self.adapter.decode_positions(positions[None].expand(first.rows.shape[0], q))
-        kwargs["attention_mask"] = self._decode_mask2d(first, seen + q)
+        kwargs["attention_mask"] = self.mask2d(call, first, seen + q)
         return args, kwargs
 
-    def _compact_earlier_cache(self, cache) -> None:
+    @staticmethod
+    def compact_earlier_cache(session: Session, cache) -> None:
         """After a prefill whose stage at ``cache_back`` asks for it: the layers before it keep in their cache only
         the tokens that stage kept, and decode as its layers do."""
-        session = self._session
         target = session.layer_segment[session.cache_back]
         if cache is not None:
             for layer in range(session.cache_back):
@@ -63,27 +61,28 @@ class Decoding:
         for layer in range(session.cache_back):
             session.layer_segment[layer] = target
 
-    def _decode_mask2d(self, segment: compaction.Segment, new: int) -> torch.Tensor:
+    @staticmethod
+    def mask2d(call: Call, segment: compaction.Segment, new: int) -> torch.Tensor:
         """2-D mask of a segment's layers while decoding: the segment's own slots, then the ``new`` columns."""
-        call = self._call
         if call.attention_mask is not None:
             tail = call.attention_mask[:, -new:].to(dtype=torch.bool, device=segment.mask.device)
         else:
             tail = segment.mask.new_ones(segment.mask.shape[0], new)
         return torch.cat([segment.mask, tail], dim=1)
 
-    def _decode_layer(self, layer: int, args, kwargs):
-        segment = self._session.layer_segment.get(layer) if self._session else None
-        cache = self._cache
+    def layer(self, call: Call, session: Session | None, layer: int, args, kwargs):
+        """The pre-hook of decoder ``layer`` at a decoding step: its mask against its own cache (restricted to the
+        cache stage's entries from its layer on), and its renumbered positions."""
+        segment = session.layer_segment.get(layer) if session else None
+        cache = self.restriction
         scored = cache is not None and layer == cache.layer - 1
         restricted = cache is not None and layer >= cache.layer and cache.ready
         if segment is None and not (scored or restricted):
             return None
-        call = self._call
         hidden = args[0] if args else kwargs["hidden_states"]
         if segment is not None:
             new = hf.cache_length(call.cache, layer) + hidden.shape[1] - segment.length  # decoded so far + this call
-            mask2d = self._decode_mask2d(segment, new)
+            mask2d = self.mask2d(call, segment, new)
         elif call.attention_mask is not None:
             mask2d = call.attention_mask.to(torch.bool)
         else:
@@ -103,7 +102,7 @@ class Decoding:
                 self.adapter.text_config, layer, hidden, mask2d, call.cache, kwargs.get("position_ids")
             )
         kwargs["attention_mask"] = call.masks[key]
-        if self._renumber and segment is not None:
+        if self.renumber and segment is not None:
             if id(segment) not in call.positions:
                 position_ids = kwargs["position_ids"] - segment.shift[:, None].to(kwargs["position_ids"].device)
                 call.positions[id(segment)] = (position_ids, self.adapter.rotary(hidden, position_ids))
@@ -112,10 +111,15 @@ class Decoding:
             kwargs["position_embeddings"] = embeddings
         return args, kwargs
 
-    def _cache_scorer(self, module, query, key, value, kwargs):
-        mask = self._call.cache_key_mask
-        mask = None if mask is None else mask.to(device=key.device)
-        self._call.cache_scores = last_query_attention(query.detach(), key.detach(), kwargs.get("scaling"), mask)
+    @staticmethod
+    def cache_scorer(current: Callable[[], Call | None]):
+        """The scorer of the cache stage's layer while decoding: the new token's attention over the cache, recorded
+        in the current call (``current()``)."""
 
+        def scorer(module, query, key, value, kwargs):
+            call = current()
+            mask = call.cache_key_mask
+            mask = None if mask is None else mask.to(device=key.device)
+            call.cache_scores = last_query_attention(query.detach(), key.detach(), kwargs.get("scaling"), mask)
 
-# --- public functions ------------------------------------------------------------------------------------------
+        return scorer

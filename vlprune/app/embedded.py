@@ -25,7 +25,7 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 def default_path() -> Path:
     """Directory of the shipped weights (inside the installed package)."""
-    return Path(str(resources.files("vlprune").joinpath("assets", NAME)))
+    return Path(str(resources.files("vlprune.app").joinpath("assets", NAME)))
 
 
 def build_tokenizer():
