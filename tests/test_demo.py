@@ -96,6 +96,9 @@ def artifact(browser, tmp_path, name: str) -> Path:
 
 
 def test_demo_in_headless_chromium(tmp_path):
+    """With no input at all, the page opens on the first bundled example answered by the unpruned model and the
+    default methods, each with its overlay and FLOP ratios (a method that prunes saves FLOPs); then a bundled example
+    clicked and two other methods run give their answers and overlays."""
     browser = browser_for(tmp_path)
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
@@ -109,6 +112,12 @@ def test_demo_in_headless_chromium(tmp_path):
     try:
         browser.get(f"http://127.0.0.1:{port}/")
         wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: "unpruned" in b.find_element(By.ID, "results").text)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) >= 3)
+        time.sleep(0.5)
+        opening, opening_captions = table_rows(browser), browser.find_element(By.ID, "gallery").text
+        asked = browser.find_element(By.CSS_SELECTOR, "#question textarea").get_attribute("value")
+        artifact(browser, tmp_path, "demo-first.png")
         wait.until(expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, "#examples td"))).click()
         question = browser.find_element(By.CSS_SELECTOR, "#question textarea")
         wait.until(lambda _: question.get_attribute("value") == example["question"])
@@ -117,44 +126,18 @@ def test_demo_in_headless_chromium(tmp_path):
     finally:
         browser.quit()
         app.close()
+    assert asked == example["question"]
+    assert [r[0] for r in opening] == ["unpruned", *demo.DEFAULT], opening
+    assert opening[0][1] == example["answer"] and opening[0][4:] == ["1.00x", "1.00x", "1.00x"], opening
+    assert [r[2] for r in opening] == ["144/144", "36/144", "36/144"], opening
+    assert all(float(r[5].rstrip("x")) > 1 and float(r[6].rstrip("x")) > 1 for r in opening[1:]), opening
+    assert all(f"{m}:" in opening_captions for m in ("unpruned", *demo.DEFAULT)), opening_captions
     assert [r[0] for r in rows] == ["unpruned", "fastv", "fastervlm"], rows
     assert rows[0][1] == example["answer"], rows  # the unpruned answer is right
     assert [r[2] for r in rows] == ["144/144", "36/144", "36/144"], rows
     assert all(r[1] in embedded.build_tokenizer().get_vocab() for r in rows), rows  # an answer in each row
     assert all(f"{m}:" in captions for m in ("unpruned", "fastv", "fastervlm")), captions  # one overlay each
     assert shot.stat().st_size > 10_000
-
-
-def test_the_demo_opens_on_a_result(tmp_path):
-    """With no input at all, the page shows the first bundled example answered by the unpruned model and the
-    default methods, with each one's overlay and its FLOP ratios (a method that prunes saves FLOPs)."""
-    browser = browser_for(tmp_path)
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    from vlprune.app import demo
-
-    example = json.loads((embedded.default_path().parent / "examples" / "examples.json").read_text())[0]
-    port = free_port()
-    app = demo.launch(port=port, block=False)
-    try:
-        browser.get(f"http://127.0.0.1:{port}/")
-        wait = WebDriverWait(browser, 60)
-        wait.until(lambda b: "unpruned" in b.find_element(By.ID, "results").text)
-        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) >= 3)
-        time.sleep(0.5)
-        rows, captions = table_rows(browser), browser.find_element(By.ID, "gallery").text
-        question = browser.find_element(By.CSS_SELECTOR, "#question textarea").get_attribute("value")
-        artifact(browser, tmp_path, "demo-first.png")
-    finally:
-        browser.quit()
-        app.close()
-    assert question == example["question"]
-    assert [r[0] for r in rows] == ["unpruned", *demo.DEFAULT], rows
-    assert rows[0][1] == example["answer"] and rows[0][4:] == ["1.00x", "1.00x", "1.00x"], rows
-    assert [r[2] for r in rows] == ["144/144", "36/144", "36/144"], rows
-    assert all(float(r[5].rstrip("x")) > 1 and float(r[6].rstrip("x")) > 1 for r in rows[1:]), rows
-    assert all(f"{m}:" in captions for m in ("unpruned", *demo.DEFAULT)), captions
 
 
 def test_demo_takes_a_video_in_headless_chromium(tmp_path):
