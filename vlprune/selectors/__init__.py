@@ -17,6 +17,7 @@ from . import (  # noqa: F401  (registration)
     sparsevlm,
     uniform,
     visionzip,
+    vispruner,
     vtc_cls,
     zoo,
 )
