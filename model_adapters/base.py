@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..attention import PREFIX, SCORER_KWARG, SUPPORTED_BASES, first_query_attention
+from ..attention import PREFIX, SCORER_KWARG, SUPPORTED_BASES, first_query_attention, head_mean_attention
 from ..captures import VisionCaptures
 from ..hooks import HookSet
 from ..layout import SampleLayout
@@ -27,6 +27,9 @@ class Adapter:
     # naming the model and the method. ``vlprune.support_table()`` (and the README's table) is derived from this.
     signals: ClassVar[dict[str, str]] = {}
     image_only: ClassVar[tuple[str, ...]] = ()  # signals among ``signals`` refused (clear error) for video inputs
+    received_at_any_layer: ClassVar[bool] = (
+        False  # ``received_attention`` at any vision layer, not only the feature one
+    )
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -254,6 +257,37 @@ class Adapter:
     def install_projector_stage(self, hooks: HookSet, stage) -> None:
         """Make the projector's input pass through ``stage`` ((n_img, N, Dv) -> same shape) first."""
         raise NotImplementedError(f"{type(self).__name__} has no pre-projector stage support")
+
+    def check_received(self, request: SignalRequest, method: str) -> None:
+        """A ``received_attention`` request at a vision layer this family cannot measure it at: a clear error."""
+        if request.name != "received_attention" or request.layer is None:
+            return
+        if not self.received_at_any_layer:
+            raise ValueError(
+                f"method {method!r} needs received_attention at vision layer {request.layer}, but {self.model_type} "
+                "gives it at its feature layer only"
+            )
+        self.vision_layer(request.layer)
+
+    @staticmethod
+    def received_hook(record, chunk: int = 8):
+        """A pre-hook on a CLIP or SigLIP attention module (which passes no extra arguments to its attention function)
+        that recomputes its queries and keys from its input and calls ``record`` with, per encoded image, the
+        attention each token receives: softmax over keys, mean over heads and over queries ``(n_img, T)``, ``chunk``
+        images at a time (any attention implementation)."""
+
+        def capture(module, args, kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            parts = []
+            with torch.no_grad():
+                for x in hidden.split(chunk):
+                    shape = (*x.shape[:-1], -1, module.head_dim)
+                    query = module.q_proj(x).view(shape).transpose(1, 2)
+                    key = module.k_proj(x).view(shape).transpose(1, 2)
+                    parts.append(head_mean_attention(query, key, module.scale, None).mean(1))
+            record(torch.cat(parts))
+
+        return capture
 
     @staticmethod
     def vision_scorer(store: VisionCaptures, keys: list, drop_cls: bool, want_keys: bool = False):

@@ -159,6 +159,7 @@ class InternVLAdapter(Adapter):
     # --- signals -----------------------------------------------------------------------------------------------
     def check_request(self, request: SignalRequest, method: str) -> None:
         attention = {**ATTENTION, "received_attention": "vision_config"}  # InternVL scores it in the tower's attention
+        self.check_received(request, method)
         if request.name == "cls_attention":
             self.vision_layer(request.layer)
         if request.name in attention:
@@ -213,6 +214,6 @@ class InternVLAdapter(Adapter):
                         head_mean_attention(q, k, scaling, None).mean(1)[:, 1:]
                         for q, k in zip(query.split(chunk), key.split(chunk), strict=True)
                     ]
-                store.family["tile_received"] = self._to_tokens(torch.cat(parts))
+                store.family["tile_received"] = {None: self._to_tokens(torch.cat(parts))}
 
         return score

@@ -16,7 +16,16 @@ from ..signals import SignalRequest
 from .base import Adapter
 
 # what a LLaVA-1.5 vision side (CLIP with [CLS], one grid per image) gives
-VISION_SIDE = ("features", "cls_attention", "vision_hidden", "vision_keys", "projector", "grid", "vision_qkv")
+VISION_SIDE = (
+    "features",
+    "cls_attention",
+    "received_attention",
+    "vision_hidden",
+    "vision_keys",
+    "projector",
+    "grid",
+    "vision_qkv",
+)
 
 CLS_TOWERS = ("clip_vision_model",)
 
@@ -26,6 +35,7 @@ class LlavaAdapter(Adapter):
     """Signals: ``features`` (projector output), ``cls_attention`` (CLIP towers), ``llm_attention``, ``grid``."""
 
     model_type = "llava"
+    received_at_any_layer = True
     summary = "LLaVA-1.5 and other llava-hf conversions: CLIP (or SigLIP) tower, projector, Llama-like decoder"
     signals = {name: "yes" for name in (*VISION_SIDE, *DECODER_SIGNALS)}  # [CLS]: checked
 
@@ -68,7 +78,7 @@ class LlavaAdapter(Adapter):
             self.vision_layer(None)
             self._check_attention("vision_config", method)
         elif request.name == "received_attention":  # recomputed from the layer's input: any attention implementation
-            self.vision_layer(None)
+            self.check_received(request, method)
         elif request.name == "vision_qkv":
             self._check_tower(method)
         if request.cls and not self.has_cls:
@@ -140,6 +150,14 @@ class LlavaAdapter(Adapter):
             if r.name == "vision_keys":
                 by_layer.setdefault(feature_layer, [])
         drop_cls = self.strategy == "default"
+        received = [r.layer for r in requests if r.name == "received_attention"] if self.received_at_any_layer else []
+        for key in dict.fromkeys(received):  # (families that pool their features capture it their own way)
+
+            def record(scores, key=key):  # (n_img, T): the patches' columns, as the features keep them
+                store.received_attention[key] = scores[:, 1:] if drop_cls else scores
+
+            attention = self.vision_tower.encoder.layers[self.vision_layer(key)].self_attn
+            hooks.pre(attention, self.received_hook(record))
         for layer, keys in by_layer.items():
             want_keys = "vision_keys" in names and layer == feature_layer
             scorer = self.vision_scorer(store, keys, drop_cls, want_keys)

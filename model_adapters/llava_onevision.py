@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import head_mean_attention
 from ..captures import VisionCaptures
 from ..hooks import HookSet
 from ..layout import SampleLayout
@@ -39,6 +38,7 @@ class LlavaOnevisionAdapter(PooledVideos, LlavaNextAdapter):
     model_type = "llava_onevision"
     summary = "LLaVA-OneVision: SigLIP tower without [CLS], anyres_max_9 tiles, pooled video frames, Qwen2 decoder"
     signals = {name: "yes" for name in ("features", "received_attention", "grid", "frames", *DECODER_SIGNALS)}
+    received_at_any_layer = False  # measured on video frames at the feature layer, pooled like the features
     video_newline = 1  # one newline placeholder after each video
 
     def why_not(self, signals: list[str]) -> str:
@@ -87,27 +87,8 @@ class LlavaOnevisionAdapter(PooledVideos, LlavaNextAdapter):
         features = any(r.name == "features" for r in requests)
         if any(r.name == "received_attention" for r in requests):
             attention = self.vision_tower.encoder.layers[self.vision_layer(None)].self_attn
-            hooks.pre(attention, self._receiver(store))
+            hooks.pre(attention, self.received_hook(lambda scores: store.family.__setitem__("vision_received", scores)))
         hooks.method(self.base, "get_video_features", lambda original: self._video_encoder(original, store, features))
-
-    @staticmethod
-    def _receiver(store: VisionCaptures, chunk: int = 8):
-        """A pre-hook on a SigLIP attention module (which passes no extra arguments to its attention function) that
-        recomputes its queries and keys from its input and stores, per encoded image, the attention each token
-        receives: softmax over keys, mean over heads and over queries ``(n_img, T)``, ``chunk`` images at a time."""
-
-        def capture(module, args, kwargs):
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            parts = []
-            with torch.no_grad():
-                for x in hidden.split(chunk):
-                    shape = (*x.shape[:-1], -1, module.head_dim)
-                    query = module.q_proj(x).view(shape).transpose(1, 2)
-                    key = module.k_proj(x).view(shape).transpose(1, 2)
-                    parts.append(head_mean_attention(query, key, module.scale, None).mean(1))
-            store.family["vision_received"] = torch.cat(parts)
-
-        return capture
 
     def _packer(self, original, store: VisionCaptures):
         pack = super()._packer(original, store)
@@ -136,7 +117,7 @@ class LlavaOnevisionAdapter(PooledVideos, LlavaNextAdapter):
             if received is not None:  # (videos * frames, T): drop what the features drop, pool as they are pooled
                 received = received[:, 1:] if self.strategy == "default" else received
                 received = self.base.apply_pooling(received[..., None]).reshape(videos, -1)
-                store.received_attention = list(received)
+                store.received_attention[None] = list(received)
             return out
 
         return encode

@@ -117,6 +117,7 @@ class Qwen2VLAdapter(Adapter):
     def check_request(self, request: SignalRequest, method: str) -> None:
         if request.name in ("llm_attention", "llm_keys", "text_attention"):
             self._check_attention("text_config", method)
+        self.check_received(request, method)
 
     def visual_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
         return self.images_or_videos(input_ids, inputs_embeds, self.model.config.video_token_id)
@@ -146,7 +147,7 @@ class Qwen2VLAdapter(Adapter):
             cos, sin = kwargs["position_embeddings"]
             grid = store.family["grid_thw"]
             with torch.no_grad():
-                store.received_attention = frame_attention(
+                store.received_attention[None] = frame_attention(
                     module, hidden, cos, sin, grid, self.merge, self.window_index(grid)
                 )
 

@@ -204,13 +204,14 @@ def greedy(
 
 
 @contextmanager
-def seen_views(selector_class, attribute: str):
-    """Within the block, every ``select`` of ``selector_class`` records a copy of its view's ``attribute`` in the
-    list this yields."""
+def seen_views(selector_class, attribute: str, key=None):
+    """Within the block, every ``select`` of ``selector_class`` records a copy of its view's ``attribute`` (its entry
+    ``key`` for a layered signal) in the list this yields."""
     seen, original = [], selector_class.select
 
     def spy(self, view, keep):
-        seen.append(getattr(view, attribute).clone())
+        value = getattr(view, attribute)
+        seen.append((value[key] if isinstance(value, dict) else value).clone())
         return original(self, view, keep)
 
     selector_class.select = spy

@@ -167,7 +167,7 @@ def qwen_reference(x, attention, keep, segments=8, tau=0.9, d=0.4, p=4, beta=0.6
 
 def view_of(x, attention) -> TokenView:
     view = TokenView(index=torch.arange(T * N), grid=(3, 3), image=0, frames=T)
-    view.features, view.received_attention = x.reshape(T * N, D), attention.reshape(T * N)
+    view.features, view.received_attention = x.reshape(T * N, D), {None: attention.reshape(T * N)}
     return view
 
 
@@ -248,7 +248,7 @@ def test_keep_all_is_the_identity_and_images_are_refused():
     x, attention = planted_video()
     assert torch.equal(FastVID().select(view_of(x, attention), T * N), torch.arange(T * N))
     image = TokenView(index=torch.arange(N), grid=(3, 3), image=0, frames=1)
-    image.features, image.received_attention = x[0], attention[0]
+    image.features, image.received_attention = x[0], {None: attention[0]}
     with pytest.raises(ValueError, match="at least two frames"):
         FastVID().select(image, 4)
 

@@ -112,7 +112,7 @@ def view_of(x, attention):
         image=0,
         frames=T,
         features=x.reshape(T * N, D),
-        received_attention=attention.reshape(-1),
+        received_attention={None: attention.reshape(-1)},
     )
 
 

@@ -13,13 +13,13 @@ from typing import Any
 class VisionCaptures:
     """The vision-side signals of one call, each per image or video in the order the model scatters their features
     (a tensor with a leading image axis, or a list with one entry per image); ``None`` (``{}`` for the layered
-    ``cls_attention``) when not captured. The table in :mod:`vlprune.signals` says what each one is.
+    ones) when not captured. The table in :mod:`vlprune.signals` says what each one is.
 
     Attributes
     ----------
     features : per image (N, D)
     cls_attention : {vision layer: per image (N,)}
-    received_attention : per image (N,)
+    received_attention : {vision layer: per image (N,)}
     vision_hidden : per image (N, Dv), the projector's input
     cls_hidden : per image (Dv,), the [CLS] state of the feature layer
     vision_keys : per image (T, d), head-mean keys of the feature layer ([CLS] first when the tower has one)
@@ -32,7 +32,7 @@ class VisionCaptures:
 
     features: Any = None
     cls_attention: dict[int, Any] = field(default_factory=dict)
-    received_attention: Any = None
+    received_attention: dict[int, Any] = field(default_factory=dict)
     vision_hidden: Any = None
     cls_hidden: Any = None
     vision_keys: Any = None
@@ -48,7 +48,8 @@ class VisionCaptures:
 
     def drop(self, name: str) -> None:
         """Forget the signal ``name`` (what a hook caught that does not describe this call's tokens)."""
-        setattr(self, name, {} if name == "cls_attention" else None)
+        name = "project" if name == "projector" else name  # the projector signal is captured as ``project``
+        setattr(self, name, {} if isinstance(getattr(self, name), dict) else None)
 
     def clear(self) -> None:
         """Forget everything (after a call)."""

@@ -75,9 +75,11 @@ def _check_place(stage: Stage, selector: Selector, layer: int, adapter, resolved
 
 def _check_signals(stage: Stage, selector: Selector, layer: int, adapter) -> None:
     """Every signal the stage needs is one the model provides."""
-    missing = missing_signals(selector, adapter.signals, layer)
+    missing = missing_signals(selector, adapter.signals, layer, adapter.received_at_any_layer)
     if missing:
         why = adapter.why_not(missing)
+        if "received_attention" in missing and "received_attention" in adapter.signals:
+            why = "it gives received_attention at its vision feature layer only"
         if "frames" in missing:  # a video method on a family without video geometry
             why = "vlprune has no video geometry for it yet (vlprune.registry.video_models() lists those it has)"
         raise ValueError(

@@ -5,9 +5,10 @@ signal                  value in a :class:`TokenView` (one image's ``n`` candida
 ======================  ==========================================================  ===============================
 ``features``            projected visual tokens ``(n, D)``                            projector output hook
 ``cls_attention``       ``{vision_layer: (n,)}`` [CLS]->patch attention, head mean    scoring attention function
-``received_attention``  ``(n,)`` attention each patch receives in the vision feature  feature layer's q/k projections
-                        layer, mean over heads and queries, pooled like the features  (attention-module pre-hook)
-                        (Qwen2/2.5-VL substitute: FastVID's saliency, see the adapter)
+``received_attention``  ``{vision_layer: (n,)}`` attention each patch receives in a   the layer's q/k projections
+                        vision layer (``None``: the feature layer), mean over heads   (attention-module pre-hook)
+                        and queries, pooled like the features (Qwen2/2.5-VL: at the
+                        feature layer, FastVID's saliency as a substitute)
 ``llm_attention``       ``{decoder_layer: (n,)}`` last prompt token->token, head mean scoring attention function
 ``incoming_attention``  ``(n,)`` the same row as layer ``L`` itself would compute it   stage layer's q/k projections
                         from its input (``L`` = the stage's layer)
@@ -81,7 +82,7 @@ class Signal:
 DESCRIPTIONS = (
     Signal("features", "vision", per_token=True),
     Signal("cls_attention", "vision", layered=True, attention="vision_config"),
-    Signal("received_attention", "vision", per_token=True),
+    Signal("received_attention", "vision", layered=True),
     Signal("llm_attention", "llm", layered=True, attention="text_config"),
     Signal("incoming_attention", "llm", per_token=True),
     Signal("text_attention", "llm", layered=True, attention="text_config"),
@@ -163,7 +164,7 @@ class TokenView:
     features: torch.Tensor | None = None
     all_features: torch.Tensor | None = None
     cls_attention: dict[int, torch.Tensor] = field(default_factory=dict)
-    received_attention: torch.Tensor | None = None
+    received_attention: dict[int, torch.Tensor] = field(default_factory=dict)
     llm_attention: dict[int, torch.Tensor] = field(default_factory=dict)
     incoming_attention: torch.Tensor | None = None
     text_attention: dict[int, torch.Tensor] = field(default_factory=dict)

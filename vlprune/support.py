@@ -10,18 +10,21 @@ from .signals import CORE
 DEPTH = 24  # a vision depth every default request fits (LLaVA-1.5's CLIP)
 
 
-def missing_signals(selector, signals: dict[str, str], layer: int | None = None) -> list[str]:
+def missing_signals(selector, signals: dict[str, str], layer: int | None = None, any_layer: bool = True) -> list[str]:
     """The signals ``selector`` requests (at ``layer``, by default its default layer) that are not among a family's
-    ``signals``."""
+    ``signals``; without ``any_layer`` (the family's ``Adapter.received_at_any_layer``), ``received_attention`` at a
+    vision layer other than the feature layer is missing too."""
     layer = selector.default_layer if layer is None else layer
-    return sorted({r.name for r in selector.requests(layer, DEPTH)} - set(signals) - set(CORE))
+    requests = selector.requests(layer, DEPTH)
+    beyond = {r.name for r in requests if r.name == "received_attention" and r.layer is not None and not any_layer}
+    return sorted(({r.name for r in requests} - set(signals) - set(CORE)) | beyond)
 
 
 def support(method: str, model_type: str) -> str:
     """``"yes"``, ``"substitute"`` (some signal stands in for the paper's) or ``"no"`` for a method on a family."""
-    selector = create_selector(method)
-    signals = adapter_class(model_type).signals
-    if missing_signals(selector, signals):
+    selector, adapter = create_selector(method), adapter_class(model_type)
+    signals = adapter.signals
+    if missing_signals(selector, signals, any_layer=adapter.received_at_any_layer):
         return "no"
     states = [signals.get(r.name, "yes") for r in selector.requests(selector.default_layer, DEPTH)]
     return "substitute" if any(state != "yes" for state in states) else "yes"

@@ -83,9 +83,10 @@ def decoder_view(inputs: StageInputs, layout, b: int, j: int, grid, slots, ordin
         if ("cls_attention", key) in wanted:
             scores = scores[image]  # (N,) of this image (per-image tensors or a list of them)
             view.cls_attention[key] = scores[local.to(scores.device)]
-    if ("received_attention", None) in wanted:
-        scores = vision.received_attention[image]
-        view.received_attention = scores[local.to(scores.device)]
+    for key, scores in vision.received_attention.items():
+        if ("received_attention", key) in wanted:
+            scores = scores[image]
+            view.received_attention[key] = scores[local.to(scores.device)]
     if wanted & {("vision_hidden", None), ("projector", None)}:
         hidden = vision.vision_hidden[image]  # (N, Dv) of this image
         view.vision_hidden = hidden[local.to(hidden.device)]

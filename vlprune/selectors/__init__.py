@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (registration)
     fastv,
     fastvid,
     flowcut,
+    hiprune,
     holitom,
     pdrop,
     pool,

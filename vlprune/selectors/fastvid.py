@@ -172,7 +172,7 @@ class FastVID(Selector):
             return torch.arange(view.n)
         x, sizes, salient, counts = self._plan(view, keep)
         frames, per_frame = x.shape[:2]
-        attention = view.received_attention.reshape(frames, per_frame).float().cpu()
+        attention = view.received_attention[None].reshape(frames, per_frame).float().cpu()
         kept, source, into, weight = [], [], [], []
         rest = []  # per frame: its non-salient tokens (frame indices, ascending)
         for f in range(frames):

@@ -143,7 +143,7 @@ class HoliTom(Selector):
             return torch.arange(view.n)
         x, windows, statics, counts = self._plan(view, keep)
         frames, per_frame = x.shape[:2]
-        attention = view.received_attention.reshape(frames, per_frame).float().cpu()
+        attention = view.received_attention[None].reshape(frames, per_frame).float().cpu()
         keep_slots, into, weight = [], torch.full((view.n,), -1), torch.zeros(view.n)
 
         def emit(slots: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> None:
