@@ -66,7 +66,7 @@ def _cpu_view(config, projector, selector, n: int, text: int) -> TokenView:
         if r.name == "features":
             view.all_features = torch.randn(n, d, generator=g)
             view.features = view.all_features
-        elif r.name in ("cls_attention", "llm_attention"):
+        elif r.name in ("cls_attention", "llm_attention", "received_attention"):
             getattr(view, r.name)[r.layer] = torch.rand(n, generator=g)
         elif r.name == "incoming_attention":
             view.incoming_attention = torch.rand(n, generator=g)
