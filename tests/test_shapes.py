@@ -177,7 +177,7 @@ def test_cli_run_reports_no_speed_up_when_nothing_is_pruned(shipped, tmp_path, c
         assert "144/144" in row and "none (all kept)" in row and row.split()[-3:-1] == ["1.00x", "1.00x"], row
 
 
-def test_speed_ups_are_medians_marked_within_noise():
+def test_speed_ups_are_medians_of_paired_ratios_marked_within_noise():
     from vlprune.app.models import Outcome, speedup
 
     plan = vlprune.KeepPlan(
@@ -185,11 +185,12 @@ def test_speed_ups_are_medians_marked_within_noise():
         [torch.tensor([1.0, 0.0])],
     )  # fmt: skip
     base = Outcome("unpruned", "a", 2, 2, [1.0, 1.1, 1.2, 1.3, 1.4], 10.0, None, None)
-    fast = Outcome("m", "a", 1, 2, [0.5, 0.55, 0.6, 0.65, 0.7], 5.0, (4.0, 1.0), plan, [plan])
-    close = Outcome("m", "a", 1, 2, [0.9, 1.0, 1.1, 1.25, 1.6], 5.0, (4.0, 1.0), plan, [plan])
+    paired = [1.0, 1.2, 1.1, 1.4, 1.3]  # the unpruned runs measured alternately with the pruned ones
+    fast = Outcome("m", "a", 1, 2, [0.5, 0.6, 0.55, 0.7, 0.65], 5.0, (4.0, 1.0), plan, [plan], paired)
+    close = Outcome("m", "a", 1, 2, [0.9, 1.3, 1.0, 1.5, 1.1], 5.0, (4.0, 1.0), plan, [plan], paired)
     assert speedup(base, base) == "1.00x"
-    assert speedup(base, fast) == "2.00x"  # 1.2 / 0.6, the quartiles apart
-    assert speedup(base, close) == "1.09x (noise)"  # 1.2 / 1.1, the quartiles overlap
+    assert speedup(base, fast) == "2.00x"  # every pair 2x
+    assert speedup(base, close) == "1.10x (noise)"  # ratios 1.11, 0.92, 1.10, 0.93, 1.18: quartiles 0.93..1.11
 
 
 def test_flops_at_llava_1_5_7b_scale_by_hand():

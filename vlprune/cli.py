@@ -98,9 +98,8 @@ def cmd_run(args) -> int:
             f"{o.method:<12} {o.answer:<20} {kept:>12} {o.seconds * 1e3:>11.1f} {speedup(base, o):>16} "
             f"{flop_ratio(base, o):>7} {scale_ratio(o):>9}  {path}"
         )
-    print(
-        f"prefill: median of {REPEATS} runs after a warm-up; (noise): its interquartile range overlaps the unpruned one"
-    )
+    print(f"prefill: median of {REPEATS} runs after a warm-up, each method's alternating with the unpruned model's;")
+    print("speed-up: the median of those paired ratios, (noise) when their interquartile range holds 1")
     print(
         "FLOPs: analytic prefill FLOPs unpruned / pruned, on this model; 7B: the same fraction kept from the same layer"
     )

@@ -4,6 +4,7 @@ answers, kept tokens and prefill times (:func:`compare`)."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -127,19 +128,36 @@ def fitted(method: str, model) -> dict:
 REPEATS = 7  # timed prefills per configuration, after a discarded warm-up
 
 
+def timed_forward(model, inputs: dict) -> float:
+    """Seconds of one forward over the prompt (the device's queued work included)."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(**inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def prefill_times(model, inputs: dict, repeats: int = REPEATS) -> list[float]:
     """Seconds of ``repeats`` forwards over the prompt, after one warm-up run (discarded)."""
-    device = next(model.parameters()).device
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            model(**inputs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i:
-                times.append(time.perf_counter() - start)
-    return times
+    times = [timed_forward(model, inputs) for _ in range(repeats + 1)]
+    return times[1:]
+
+
+def paired_times(model, inputs: dict, wrapped, repeats: int = REPEATS) -> tuple[list[float], list[float]]:
+    """``(unpruned, pruned)`` seconds of ``repeats`` forwards each, alternated (one unpruned, then one inside
+    ``wrapped()``, a context manager that wraps the model), after a discarded warm-up pair: whatever slows a shared
+    machine down touches both alike."""
+    base, pruned = [], []
+    for i in range(repeats + 1):
+        unpruned = timed_forward(model, inputs)
+        with wrapped():
+            seconds = timed_forward(model, inputs)
+        if i:
+            base.append(unpruned)
+            pruned.append(seconds)
+    return base, pruned
 
 
 def prefill_seconds(model, inputs: dict, repeats: int = 3) -> float:
@@ -164,7 +182,8 @@ def generate(model, inputs: dict, max_new_tokens: int) -> torch.Tensor:
 class Outcome:
     """One configuration of :func:`compare`: its answer, visual tokens kept of ``total``, prefill ``times``
     (seconds), analytic prefill ``flops``, the same plans' ``(unpruned, pruned)`` FLOPs on LLaVA-1.5-7B's geometry
-    (``at_scale``; ``None`` for the unpruned run and for videos) and its last stage's ``plan``."""
+    (``at_scale``; ``None`` for the unpruned run and for videos), its last stage's ``plan`` and its stages'
+    ``plans``, and ``paired``: the unpruned model's times measured alternately with ``times``."""
 
     method: str
     answer: str
@@ -175,16 +194,12 @@ class Outcome:
     at_scale: tuple[float, float] | None
     plan: object | None
     plans: list = field(default_factory=list)
+    paired: list[float] | None = None
 
     @property
     def seconds(self) -> float:
         """The median prefill time."""
         return statistics.median(self.times)
-
-    @property
-    def quartiles(self) -> tuple[float, float]:
-        q1, _, q3 = statistics.quantiles(self.times, n=4, method="inclusive")
-        return q1, q3
 
     @property
     def keeps_all(self) -> bool:
@@ -193,15 +208,16 @@ class Outcome:
 
 
 def speedup(base: Outcome, o: Outcome) -> str:
-    """The measured prefill speed-up of ``o`` over the unpruned ``base``: the ratio of the medians, marked
-    ``(noise)`` when the two runs' interquartile ranges overlap; never a speed-up for a run that keeps every token."""
+    """The measured prefill speed-up of ``o``: the median of its paired ratios (unpruned / pruned seconds, measured
+    alternately), marked ``(noise)`` when their interquartile range holds 1; never a speed-up for a run that keeps
+    every token."""
     if o.plan is None:
         return "1.00x"
     if o.keeps_all:
         return "none (all kept)"
-    ratio = base.seconds / o.seconds
-    (b1, b3), (o1, o3) = base.quartiles, o.quartiles
-    return f"{ratio:.2f}x (noise)" if o1 <= b3 and b1 <= o3 else f"{ratio:.2f}x"
+    ratios = [b / p for b, p in zip(o.paired or [base.seconds] * len(o.times), o.times, strict=True)]
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return f"{median:.2f}x (noise)" if q1 <= 1 <= q3 else f"{median:.2f}x"
 
 
 def flop_ratio(base: Outcome, o: Outcome) -> str:
@@ -238,16 +254,20 @@ def compare(loaded: Loaded, image, question: str, methods, budget: dict, max_new
         )
     ]
     for method in methods:
-        with wrap(model, method, **budget, **fitted(method, model)) as pruned:
-            pruned.set_query(question, videos=[] if video is None else [video])  # for query_frames
-            pruned.set_videos([None] if video is None else [len(video)])  # for InternVL
+
+        @contextlib.contextmanager
+        def wrapped(method=method):
+            with wrap(model, method, **budget, **fitted(method, model)) as pruned:
+                pruned.set_query(question, videos=[] if video is None else [video])  # for query_frames
+                pruned.set_videos([None] if video is None else [len(video)])  # for InternVL
+                yield pruned
+
+        with wrapped() as pruned:
             answer = loaded.decode(generate(model, inputs, max_new_tokens))
-            plans = list(pruned.plans)
-            times, flops = prefill_times(model, inputs), prefill_flops(model, inputs)
+            plans, flops = list(pruned.plans), prefill_flops(model, inputs)
+        paired, times = paired_times(model, inputs, wrapped)
         images = len(plans[0].grids[0]) if plans else 1
         at_scale = None if video is not None else scaled_flops(plans, text, images)
-        kept = sum(plans[-1].kept_per_sample)
-        outcomes.append(
-            Outcome(method, answer, kept, plans[-1].num_visual[0], times, flops, at_scale, plans[-1], plans)
-        )
+        kept, total = sum(plans[-1].kept_per_sample), plans[-1].num_visual[0]
+        outcomes.append(Outcome(method, answer, kept, total, times, flops, at_scale, plans[-1], plans, paired))
     return outcomes
