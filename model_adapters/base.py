@@ -27,9 +27,9 @@ class Adapter:
     # naming the model and the method. ``vlprune.support_table()`` (and the README's table) is derived from this.
     signals: ClassVar[dict[str, str]] = {}
     image_only: ClassVar[tuple[str, ...]] = ()  # signals among ``signals`` refused (clear error) for video inputs
-    received_at_any_layer: ClassVar[bool] = (
-        False  # ``received_attention`` at any vision layer, not only the feature one
-    )
+    # layered vision signals among ``signals`` given at the vision feature layer only (a request at another layer is
+    # a missing signal: the support table says "no" and ``wrap()`` refuses it)
+    feature_layer_only: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -257,17 +257,6 @@ class Adapter:
     def install_projector_stage(self, hooks: HookSet, stage) -> None:
         """Make the projector's input pass through ``stage`` ((n_img, N, Dv) -> same shape) first."""
         raise NotImplementedError(f"{type(self).__name__} has no pre-projector stage support")
-
-    def check_received(self, request: SignalRequest, method: str) -> None:
-        """A ``received_attention`` request at a vision layer this family cannot measure it at: a clear error."""
-        if request.name != "received_attention" or request.layer is None:
-            return
-        if not self.received_at_any_layer:
-            raise ValueError(
-                f"method {method!r} needs received_attention at vision layer {request.layer}, but {self.model_type} "
-                "gives it at its feature layer only"
-            )
-        self.vision_layer(request.layer)
 
     @staticmethod
     def received_hook(record, chunk: int = 8):

@@ -53,6 +53,7 @@ class InternVLAdapter(Adapter):
     model_type = "internvl"
     summary = "InternVL 2.5 / 3: InternViT with [CLS], pixel shuffle, tiles sharing the budget, frames as tiles"
     signals = {name: "yes" for name in SUPPORTED}
+    feature_layer_only = ("received_attention",)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -159,7 +160,6 @@ class InternVLAdapter(Adapter):
     # --- signals -----------------------------------------------------------------------------------------------
     def check_request(self, request: SignalRequest, method: str) -> None:
         attention = {**ATTENTION, "received_attention": "vision_config"}  # InternVL scores it in the tower's attention
-        self.check_received(request, method)
         if request.name == "cls_attention":
             self.vision_layer(request.layer)
         if request.name in attention:

@@ -35,7 +35,6 @@ class LlavaAdapter(Adapter):
     """Signals: ``features`` (projector output), ``cls_attention`` (CLIP towers), ``llm_attention``, ``grid``."""
 
     model_type = "llava"
-    received_at_any_layer = True
     summary = "LLaVA-1.5 and other llava-hf conversions: CLIP (or SigLIP) tower, projector, Llama-like decoder"
     signals = {name: "yes" for name in (*VISION_SIDE, *DECODER_SIGNALS)}  # [CLS]: checked
 
@@ -78,7 +77,7 @@ class LlavaAdapter(Adapter):
             self.vision_layer(None)
             self._check_attention("vision_config", method)
         elif request.name == "received_attention":  # recomputed from the layer's input: any attention implementation
-            self.check_received(request, method)
+            self.vision_layer(request.layer)
         elif request.name == "vision_qkv":
             self._check_tower(method)
         if request.cls and not self.has_cls:
@@ -150,8 +149,9 @@ class LlavaAdapter(Adapter):
             if r.name == "vision_keys":
                 by_layer.setdefault(feature_layer, [])
         drop_cls = self.strategy == "default"
-        received = [r.layer for r in requests if r.name == "received_attention"] if self.received_at_any_layer else []
-        for key in dict.fromkeys(received):  # (families that pool their features capture it their own way)
+        own = "received_attention" in self.feature_layer_only  # families that pool their features capture it so
+        received = [] if own else [r.layer for r in requests if r.name == "received_attention"]
+        for key in dict.fromkeys(received):
 
             def record(scores, key=key):  # (n_img, T): the patches' columns, as the features keep them
                 store.received_attention[key] = scores[:, 1:] if drop_cls else scores

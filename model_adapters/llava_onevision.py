@@ -38,7 +38,7 @@ class LlavaOnevisionAdapter(PooledVideos, LlavaNextAdapter):
     model_type = "llava_onevision"
     summary = "LLaVA-OneVision: SigLIP tower without [CLS], anyres_max_9 tiles, pooled video frames, Qwen2 decoder"
     signals = {name: "yes" for name in ("features", "received_attention", "grid", "frames", *DECODER_SIGNALS)}
-    received_at_any_layer = False  # measured on video frames at the feature layer, pooled like the features
+    feature_layer_only = ("received_attention",)  # measured on video frames, pooled like the features
     video_newline = 1  # one newline placeholder after each video
 
     def why_not(self, signals: list[str]) -> str:

@@ -75,6 +75,7 @@ class Qwen2VLAdapter(Adapter):
     model_type = "qwen2_vl"
     summary = "Qwen2-VL: images of any size, 2 x 2 merger, M-RoPE positions kept"
     signals = {**{name: "yes" for name in SUPPORTED}, "received_attention": "substitute"}
+    feature_layer_only = ("received_attention",)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -117,7 +118,6 @@ class Qwen2VLAdapter(Adapter):
     def check_request(self, request: SignalRequest, method: str) -> None:
         if request.name in ("llm_attention", "llm_keys", "text_attention"):
             self._check_attention("text_config", method)
-        self.check_received(request, method)
 
     def visual_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
         return self.images_or_videos(input_ids, inputs_embeds, self.model.config.video_token_id)

@@ -150,7 +150,7 @@ def test_a_stage_sees_only_the_signals_it_requested():
 
     class Shape:  # just what resolve() reads
         num_layers, vision_depth, model_type, signals = 6, 3, "llava", {"llm_attention": "yes"}
-        received_at_any_layer = False
+        feature_layer_only = ()
 
         def check_request(self, request, method):
             pass

@@ -75,11 +75,12 @@ def _check_place(stage: Stage, selector: Selector, layer: int, adapter, resolved
 
 def _check_signals(stage: Stage, selector: Selector, layer: int, adapter) -> None:
     """Every signal the stage needs is one the model provides."""
-    missing = missing_signals(selector, adapter.signals, layer, adapter.received_at_any_layer)
+    missing = missing_signals(selector, adapter.signals, layer, adapter.feature_layer_only)
     if missing:
         why = adapter.why_not(missing)
-        if "received_attention" in missing and "received_attention" in adapter.signals:
-            why = "it gives received_attention at its vision feature layer only"
+        there_only = [name for name in missing if name in adapter.feature_layer_only]
+        if there_only:
+            why = f"it gives {', '.join(there_only)} at its vision feature layer only"
         if "frames" in missing:  # a video method on a family without video geometry
             why = "vlprune has no video geometry for it yet (vlprune.registry.video_models() lists those it has)"
         raise ValueError(

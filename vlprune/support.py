@@ -10,13 +10,13 @@ from .signals import CORE
 DEPTH = 24  # a vision depth every default request fits (LLaVA-1.5's CLIP)
 
 
-def missing_signals(selector, signals: dict[str, str], layer: int | None = None, any_layer: bool = True) -> list[str]:
+def missing_signals(selector, signals: dict[str, str], layer: int | None = None, feature_layer_only=()) -> list[str]:
     """The signals ``selector`` requests (at ``layer``, by default its default layer) that are not among a family's
-    ``signals``; without ``any_layer`` (the family's ``Adapter.received_at_any_layer``), ``received_attention`` at a
-    vision layer other than the feature layer is missing too."""
+    ``signals``, or that it requests at a vision layer other than the feature layer where the family gives them
+    there only (``Adapter.feature_layer_only``)."""
     layer = selector.default_layer if layer is None else layer
     requests = selector.requests(layer, DEPTH)
-    beyond = {r.name for r in requests if r.name == "received_attention" and r.layer is not None and not any_layer}
+    beyond = {r.name for r in requests if r.name in feature_layer_only and r.layer is not None}
     return sorted(({r.name for r in requests} - set(signals) - set(CORE)) | beyond)
 
 
@@ -24,7 +24,7 @@ def support(method: str, model_type: str) -> str:
     """``"yes"``, ``"substitute"`` (some signal stands in for the paper's) or ``"no"`` for a method on a family."""
     selector, adapter = create_selector(method), adapter_class(model_type)
     signals = adapter.signals
-    if missing_signals(selector, signals, any_layer=adapter.received_at_any_layer):
+    if missing_signals(selector, signals, feature_layer_only=adapter.feature_layer_only):
         return "no"
     states = [signals.get(r.name, "yes") for r in selector.requests(selector.default_layer, DEPTH)]
     return "substitute" if any(state != "yes" for state in states) else "yes"

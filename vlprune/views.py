@@ -9,7 +9,7 @@ import torch
 
 from . import llm_signals
 from .captures import VisionCaptures
-from .signals import TOKENWISE, TokenView
+from .signals import TOKENWISE, VISION_LAYERED, TokenView
 
 
 @dataclass
@@ -79,14 +79,11 @@ def decoder_view(inputs: StageInputs, layout, b: int, j: int, grid, slots, ordin
     if ("features", None) in wanted:
         view.all_features = vision.features[image]
         view.features = view.all_features[local.to(view.all_features.device)]
-    for key, scores in vision.cls_attention.items():
-        if ("cls_attention", key) in wanted:
-            scores = scores[image]  # (N,) of this image (per-image tensors or a list of them)
-            view.cls_attention[key] = scores[local.to(scores.device)]
-    for key, scores in vision.received_attention.items():
-        if ("received_attention", key) in wanted:
-            scores = scores[image]
-            view.received_attention[key] = scores[local.to(scores.device)]
+    for name in VISION_LAYERED:  # {layer: per image (N,)}: per-image tensors or a list of them
+        for key, scores in getattr(vision, name).items():
+            if (name, key) in wanted:
+                scores = scores[image]
+                getattr(view, name)[key] = scores[local.to(scores.device)]
     if wanted & {("vision_hidden", None), ("projector", None)}:
         hidden = vision.vision_hidden[image]  # (N, Dv) of this image
         view.vision_hidden = hidden[local.to(hidden.device)]

@@ -160,11 +160,6 @@ def paired_times(model, inputs: dict, wrapped, repeats: int = REPEATS) -> tuple[
     return base, pruned
 
 
-def prefill_seconds(model, inputs: dict, repeats: int = 3) -> float:
-    """Median time of a forward over the prompt, after one warm-up run."""
-    return statistics.median(prefill_times(model, inputs, repeats))
-
-
 def prefill_flops(model, inputs: dict) -> float:
     """Analytic FLOPs of one forward over the prompt, as the model runs now (wrapped or not)."""
     with torch.no_grad(), FlopCount(model) as count:
@@ -215,7 +210,7 @@ def speedup(base: Outcome, o: Outcome) -> str:
         return "1.00x"
     if o.keeps_all:
         return "none (all kept)"
-    ratios = [b / p for b, p in zip(o.paired or [base.seconds] * len(o.times), o.times, strict=True)]
+    ratios = [b / p for b, p in zip(o.paired, o.times, strict=True)]
     q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
     return f"{median:.2f}x (noise)" if q1 <= 1 <= q3 else f"{median:.2f}x"
 

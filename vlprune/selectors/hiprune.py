@@ -55,20 +55,14 @@ class HiPrune(Selector):
         shallow = view.received_attention[self.object_layer].float().cpu()
         deep = view.received_attention[None].float().cpu().clone()
         width = view.grid[1] if view.grid is not None else round(view.n**0.5)
-        raster, full = view.index.cpu(), view.grid[0] * view.grid[1] if view.grid is not None else view.n
+        raster = view.index.cpu()
+        full = view.grid[0] * view.grid[1] if view.grid is not None else view.n
         anchors = raster[top_k(shallow, min(round(keep * self.alpha / 5), view.n))]
         near = torch.cat([anchors, anchors - 1, anchors + 1, anchors - width, anchors + width]).clamp(0, full - 1)
-        near = near[~_seen_before(near)] if near.numel() else near  # each once, anchors first
+        near = torch.tensor(list(dict.fromkeys(near.tolist())), dtype=torch.long)  # each once, anchors first
         slots = torch.searchsorted(raster, near)  # the buffers still among the candidates (an earlier stage)
         present = (slots < view.n) & (raster[slots.clamp(max=view.n - 1)] == near)
         chosen = slots[present][:keep]
         deep[chosen] -= 1  # the release's exclusion: the received attention is below 1, so they rank last
         rest = top_k(deep, keep - chosen.numel())
         return torch.sort(torch.cat([chosen, rest])).values
-
-
-def _seen_before(values: torch.Tensor) -> torch.Tensor:
-    """Per element, whether an equal one comes earlier (``torch.unique`` keeping first occurrences in order)."""
-    first = torch.full((int(values.max()) + 1,), values.numel(), dtype=torch.long)
-    first.scatter_reduce_(0, values, torch.arange(values.numel()), "amin")
-    return first[values] != torch.arange(values.numel())
